@@ -29,6 +29,23 @@ class Selection(NamedTuple):
     indices: torch.Tensor
     weights: torch.Tensor
 
+    def to_dense(self, num_keys: int) -> torch.Tensor:
+        """The effective (B, H, Lq, num_keys) attention matrix: weights scattered to their keys.
+
+        A key picked twice (sampling with replacement) gets the sum of its weights.
+        """
+        idx = self.indices
+        out = self.weights.new_zeros(*idx.shape[:-1], num_keys)
+        valid = idx >= 0
+        return out.scatter_add_(-1, idx.clamp(min=0), self.weights.masked_fill(~valid, 0))
+
+    def mask(self, num_keys: int) -> torch.Tensor:
+        """Boolean (B, H, Lq, num_keys): True where a key was selected (with any weight)."""
+        idx = self.indices
+        hits = torch.zeros(*idx.shape[:-1], num_keys, dtype=torch.int32, device=idx.device)
+        # scatter_add, not scatter: empty slots (-1, clamped to 0) must not overwrite a real pick of key 0.
+        return hits.scatter_add_(-1, idx.clamp(min=0), (idx >= 0).to(torch.int32)) > 0
+
 
 def causal_mask(Lq: int, Lk: int, device=None, q_offset: int = 0) -> torch.Tensor:
     """Boolean (Lq, Lk) mask, True where query ``q_offset + i`` may see key j (j <= i)."""
