@@ -1,0 +1,202 @@
+"""How far a sparse approximation is from dense attention, per query row and per head.
+
+Every metric takes tensors whose leading dims are (B, H, Lq) and returns one
+number per query row, (B, H, Lq), or with ``reduce="head"`` the mean over
+batch and query rows, (H,). Attention rows are distributions over the Lk keys:
+``dense_weights`` is the (B, H, Lq, Lk) matrix from
+``dense_attention(..., return_weights=True)``; a sparse method's effective row
+is ``Selection.to_dense(Lk)``. A row with no allowed key (all zeros) is handled
+without NaN, as each docstring says.
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import Selection
+
+__all__ = [
+    "mass_kept",
+    "relative_error",
+    "kl_divergence",
+    "total_variation",
+    "topk_recall",
+    "keys_attended",
+    "summarize",
+]
+
+_REDUCE = ("none", "head")
+
+
+def _reduce(x: torch.Tensor, reduce: str) -> torch.Tensor:
+    if reduce not in _REDUCE:
+        raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
+    if reduce == "head":
+        if x.dim() != 3:
+            raise ValueError(f'reduce="head" needs rows shaped (B, H, Lq), got shape {tuple(x.shape)}')
+        return x.mean(dim=(0, 2))
+    return x
+
+
+def _check_rows(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a last dim over keys, got shape {tuple(x.shape)}")
+    return x
+
+
+def _as_mask(selection_or_mask, num_keys: int) -> torch.Tensor:
+    if isinstance(selection_or_mask, Selection):
+        return selection_or_mask.mask(num_keys)
+    if isinstance(selection_or_mask, torch.Tensor) and selection_or_mask.dtype == torch.bool:
+        return selection_or_mask
+    raise TypeError(
+        f"selection must be a Selection or a boolean (..., Lk) mask, got {type(selection_or_mask).__name__}"
+        + (f" of dtype {selection_or_mask.dtype}" if isinstance(selection_or_mask, torch.Tensor) else "")
+    )
+
+
+def _as_dist(name: str, x, num_keys: int | None) -> torch.Tensor:
+    if isinstance(x, Selection):
+        if num_keys is None:
+            raise ValueError(f"{name} is a Selection: the other argument must be a tensor so Lk is known")
+        return x.to_dense(num_keys)
+    return _check_rows(name, x)
+
+
+def _same_shape(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} and {b_name} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def mass_kept(dense_weights: torch.Tensor, selection_or_mask, *, reduce: str = "none") -> torch.Tensor:
+    r"""Share of the dense softmax mass on the selected keys: :math:`\sum_{j \in S} p_j`.
+
+    ``dense_weights`` p is (..., Lk); ``selection_or_mask`` a ``Selection``
+    (a key counts once however often it was drawn) or a boolean (..., Lk)
+    mask. 1 when every key with weight is selected; 0 for a row with no
+    allowed key. Returns (...) or, with ``reduce="head"``, (H,).
+    """
+    p = _check_rows("dense_weights", dense_weights)
+    mask = _as_mask(selection_or_mask, p.shape[-1])
+    _same_shape("dense_weights", p, "mask", mask)
+    return _reduce((p * mask).sum(-1), reduce)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor, *, reduce: str = "none") -> torch.Tensor:
+    r"""Per row :math:`\lVert o - o^{\mathrm{ref}} \rVert_2 / \lVert o^{\mathrm{ref}} \rVert_2` over the value dim.
+
+    ``out`` and ``ref`` are (..., Dv). A row where both are zero gives 0; a
+    zero reference row with a non-zero ``out`` gives ``inf`` (never NaN).
+    """
+    _check_rows("out", out)
+    _check_rows("ref", ref)
+    _same_shape("out", out, "ref", ref)
+    num = (out - ref).norm(dim=-1)
+    den = ref.norm(dim=-1)
+    err = torch.where(den > 0, num / den.clamp(min=torch.finfo(den.dtype).tiny), torch.where(num > 0, torch.inf, 0.0))
+    return _reduce(err, reduce)
+
+
+def kl_divergence(p, q, *, reduce: str = "none") -> torch.Tensor:
+    r"""Per row :math:`\mathrm{KL}(p \Vert q) = \sum_j p_j \log(p_j / q_j)`, with :math:`0 \log 0 = 0`.
+
+    p is the dense row, q the effective sparse row (a tensor (..., Lk) or a
+    ``Selection``). ``inf`` whenever q drops a key that p gives weight: every
+    top-k row that loses any tail mass has infinite KL, which is the point
+    (top-k never puts weight on the tail); sampled rows with every key drawn
+    are finite. Use ``total_variation`` for a bounded distance.
+    """
+    num_keys = p.shape[-1] if isinstance(p, torch.Tensor) else (q.shape[-1] if isinstance(q, torch.Tensor) else None)
+    p = _as_dist("p", p, num_keys)
+    q = _as_dist("q", q, num_keys)
+    _same_shape("p", p, "q", q)
+    pos = p > 0
+    ratio = torch.where(pos, p, 1.0) / torch.where(pos, q, 1.0)
+    terms = torch.where(pos, p * ratio.log(), 0.0)  # q_j = 0 < p_j gives log(inf) = inf
+    return _reduce(terms.sum(-1), reduce)
+
+
+def total_variation(p, q, *, reduce: str = "none") -> torch.Tensor:
+    r"""Per row :math:`\mathrm{TV}(p, q) = \tfrac12 \sum_j |p_j - q_j|`, in [0, 1] for distributions.
+
+    p and q are (..., Lk) tensors or ``Selection``\ s (at least one a tensor).
+    For top-k, TV equals 1 - mass kept (its weights are p renormalised on the
+    kept keys).
+    """
+    num_keys = p.shape[-1] if isinstance(p, torch.Tensor) else (q.shape[-1] if isinstance(q, torch.Tensor) else None)
+    p = _as_dist("p", p, num_keys)
+    q = _as_dist("q", q, num_keys)
+    _same_shape("p", p, "q", q)
+    return _reduce(0.5 * (p - q).abs().sum(-1), reduce)
+
+
+def topk_recall(dense_weights: torch.Tensor, selection_or_mask, k: int, *, reduce: str = "none") -> torch.Tensor:
+    r"""Share of the true top-k keys that were selected: :math:`|S \cap T_k| / k'`.
+
+    :math:`T_k` holds the k largest dense weights of the row and
+    :math:`k' = \min(k, \#\{p_j > 0\})`. Ties at the k-th largest weight make
+    :math:`T_k` ambiguous, so a selected key counts when its weight is at
+    least the k'-th largest: recall is :math:`\min(k', |\{j \in S: p_j \ge
+    \tau_{k'}, p_j > 0\}|) / k'`, which equals the set formula when there are
+    no ties. A row with no positive weight gives 1 (nothing to recall).
+    """
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    p = _check_rows("dense_weights", dense_weights)
+    mask = _as_mask(selection_or_mask, p.shape[-1])
+    _same_shape("dense_weights", p, "mask", mask)
+    k_eff = (p > 0).sum(-1).clamp(max=k)
+    top = torch.topk(p, min(k, p.shape[-1]), dim=-1).values
+    tau = top.gather(-1, (k_eff - 1).clamp(min=0).unsqueeze(-1))
+    hits = (mask & (p >= tau) & (p > 0)).sum(-1)
+    recall = torch.where(k_eff > 0, torch.minimum(hits, k_eff).to(p.dtype) / k_eff.clamp(min=1), 1.0)
+    return _reduce(recall, reduce)
+
+
+def keys_attended(selection_or_mask, num_keys: int, *, reduce: str = "none") -> torch.Tensor:
+    """Distinct keys each query attends to (a key drawn twice counts once), as a float."""
+    mask = _as_mask(selection_or_mask, num_keys)
+    return _reduce(mask.sum(-1).to(torch.get_default_dtype()), reduce)
+
+
+def summarize(out, ref, dense_weights, selection, *, causal: bool = False):
+    """A per-head table of how far ``out`` is from dense, for showing next to the picture.
+
+    Args:
+        out: the sparse output (B, H, Lq, Dv); ref: dense output, same shape.
+        dense_weights: (B, H, Lq, Lk) from ``dense_attention(..., return_weights=True)``.
+        selection: the method's ``Selection`` (B, H, Lq, S).
+        causal: whether the attention was causal (sets how many keys each
+            query was allowed, for the sparsity column).
+
+    Returns:
+        A pandas DataFrame, one row per head, columns: ``head``,
+        ``keys_per_query`` (distinct keys attended, mean over queries),
+        ``sparsity`` (share of allowed query-key pairs not attended),
+        ``mass_kept``, ``relative_error``, ``total_variation`` (means over
+        batch and queries).
+    """
+    import pandas as pd  # the table is for display; the metrics above need only torch
+
+    if not isinstance(selection, Selection):
+        raise TypeError(f"selection must be a Selection, got {type(selection).__name__}")
+    p = _check_rows("dense_weights", dense_weights)
+    if p.dim() != 4:
+        raise ValueError(f"dense_weights must be (B, H, Lq, Lk), got shape {tuple(p.shape)}")
+    B, H, Lq, Lk = p.shape
+    mask = selection.mask(Lk)
+    allowed = sum(min(i + 1, Lk) for i in range(Lq)) if causal else Lq * Lk
+    attended = mask.sum(dim=(0, 2, 3)).double() / B
+    sparsity = 1.0 - attended / max(allowed, 1)
+    cols = {
+        "head": list(range(H)),
+        "keys_per_query": keys_attended(mask, Lk, reduce="head").tolist(),
+        "sparsity": sparsity.tolist(),
+        "mass_kept": mass_kept(p, mask, reduce="head").tolist(),
+        "relative_error": relative_error(out, ref, reduce="head").tolist(),
+        "total_variation": total_variation(p, selection.to_dense(Lk).to(p.dtype), reduce="head").tolist(),
+    }
+    return pd.DataFrame(cols)
