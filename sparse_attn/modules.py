@@ -7,8 +7,9 @@ from torch import nn
 
 from ._checks import check_int
 from .attention import topk_attention
+from .nsa import nsa_attention
 
-__all__ = ["SparseAttentionWithImportanceSampling"]
+__all__ = ["BlockCompress", "SparseAttention", "SparseAttentionWithImportanceSampling"]
 
 
 class SparseAttentionWithImportanceSampling(nn.Module):
@@ -71,3 +72,97 @@ class SparseAttentionWithImportanceSampling(nn.Module):
             chunk_size=self.chunk_size,
         )
         return self.wo(rearrange(out, "b h l d -> b l (h d)"))
+
+
+class BlockCompress(nn.Module):
+    """Learned pooling of a block of tokens into one: (B, Hkv, Nc, block, D) -> (B, Hkv, Nc, D).
+
+    A linear map of the flattened block, shared by all heads, that starts as
+    mean pooling: at initialisation the compressed branch (and its drawn map)
+    is exactly NSA with mean-pooled keys and values.
+    """
+
+    def __init__(self, block_size: int, head_dim: int):
+        super().__init__()
+        self.block_size, self.head_dim = block_size, head_dim
+        self.proj = nn.Linear(block_size * head_dim, head_dim)
+        with torch.no_grad():
+            eye = torch.eye(head_dim) / block_size
+            self.proj.weight.copy_(torch.cat([eye] * block_size, dim=1))
+            self.proj.bias.zero_()
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        return self.proj(rearrange(blocks, "b h n w d -> b h n (w d)"))
+
+
+class SparseAttention(nn.Module):
+    """Native-Sparse-Attention-style block-sparse self-attention: (B, L, dim) -> (B, L, dim).
+
+    Projects to heads, runs ``sparse_attn.nsa.nsa_attention`` (compressed,
+    selected and sliding branches) and mixes the branches with per-token,
+    per-head gates ``sigmoid(Linear(x))``. Keys and values are compressed by
+    separate ``BlockCompress`` modules (mean pooling at initialisation).
+
+    Args:
+        dim: model width. dim_head: width of one head. heads: query heads.
+        kv_heads: key/value heads, must divide ``heads``; default ``heads``.
+        causal: no branch sees later tokens.
+        sliding_window_size, compress_block_size, compress_block_sliding_stride,
+        selection_block_size, num_selected_blocks, query_heads_share_selected_kv,
+        interpolated_importance_score, use_diff_topk: as in ``nsa_attention``;
+            ``num_selected_blocks=0`` turns the selected branch off.
+
+    ``forward(x, return_maps=True)`` also returns ``NSAMaps`` (per-branch
+    (B, heads, L, L) maps, picked blocks and gates) for drawing.
+    """
+
+    def __init__(self, dim: int, dim_head: int, heads: int, *, kv_heads: int | None = None, causal: bool = False,
+                 sliding_window_size: int, compress_block_size: int, compress_block_sliding_stride: int | None = None,
+                 selection_block_size: int, num_selected_blocks: int, use_diff_topk: bool = False,
+                 query_heads_share_selected_kv: bool = True, interpolated_importance_score: bool = False):
+        super().__init__()
+        check_int(dim, "dim", minimum=1)
+        check_int(dim_head, "dim_head", minimum=1)
+        check_int(heads, "heads", minimum=1)
+        kv_heads = heads if kv_heads is None else check_int(kv_heads, "kv_heads", minimum=1)
+        if heads % kv_heads:
+            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+        check_int(sliding_window_size, "sliding_window_size", minimum=1)
+        check_int(compress_block_size, "compress_block_size", minimum=1)
+        stride = compress_block_size if compress_block_sliding_stride is None else compress_block_sliding_stride
+        check_int(stride, "compress_block_sliding_stride", minimum=1)
+        if stride > compress_block_size:
+            raise ValueError(f"compress_block_sliding_stride must be between 1 and compress_block_size "
+                             f"({compress_block_size}), got {stride}")
+        check_int(selection_block_size, "selection_block_size", minimum=1)
+        check_int(num_selected_blocks, "num_selected_blocks", minimum=0)
+        self.dim, self.dim_head, self.heads, self.kv_heads = dim, dim_head, heads, kv_heads
+        self.options = dict(
+            causal=bool(causal), sliding_window_size=sliding_window_size, compress_block_size=compress_block_size,
+            compress_block_sliding_stride=stride, selection_block_size=selection_block_size,
+            num_selected_blocks=num_selected_blocks, use_diff_topk=bool(use_diff_topk),
+            query_heads_share_selected_kv=bool(query_heads_share_selected_kv),
+            interpolated_importance_score=bool(interpolated_importance_score),
+        )
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_k = nn.Linear(dim, kv_heads * dim_head, bias=False)
+        self.to_v = nn.Linear(dim, kv_heads * dim_head, bias=False)
+        self.k_compress = BlockCompress(compress_block_size, dim_head)
+        self.v_compress = BlockCompress(compress_block_size, dim_head)
+        self.to_gates = nn.Linear(dim, heads * 3)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, *, return_maps: bool = False):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"x must be a (B, L, dim) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x's last dimension must be dim={self.dim}, got {x.shape[-1]}")
+        heads = lambda t, h: rearrange(t, "b l (h d) -> b h l d", h=h)  # noqa: E731
+        gates = rearrange(torch.sigmoid(self.to_gates(x)), "b l (h s) -> b h l s", s=3)
+        res = nsa_attention(
+            heads(self.to_q(x), self.heads), heads(self.to_k(x), self.kv_heads), heads(self.to_v(x), self.kv_heads),
+            gates=gates, compress_fn=(self.k_compress, self.v_compress), return_maps=return_maps, **self.options,
+        )
+        out, maps = res if return_maps else (res, None)
+        out = self.to_out(rearrange(out, "b h l d -> b l (h d)"))
+        return (out, maps) if return_maps else out
