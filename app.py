@@ -1,8 +1,30 @@
 """sparse-attn: see what sparse attention keeps and loses. Run: streamlit run app.py"""
 import streamlit as st
 
-import sparse_attn
+from sparse_attn.i18n import t
+from sparse_attn.ui import budget, explainer, maps, sidebar, speed, state
 
-st.set_page_config(page_title="sparse-attn", layout="wide")
-st.title("sparse-attn")
-st.write(f"Library version {sparse_attn.__version__}. The full app is being built.")
+st.set_page_config(page_title="sparse-attn", page_icon="🔍", layout="wide")
+state.init_state()
+settings = sidebar.render()
+lang = state.lang()
+state.write_query_params(state.specs())
+
+st.title(t("app.title", lang))
+st.caption(t("app.subtitle", lang))
+tab_maps, tab_budget, tab_speed, tab_explain = st.tabs(
+    [t("tab.maps", lang), t("tab.budget", lang), t("tab.speed", lang), t("tab.explain", lang)],
+    key="tab", on_change="rerun",
+)
+if tab_maps.open:
+    with tab_maps:
+        maps.render(settings, lang)
+if tab_budget.open:
+    with tab_budget:
+        budget.render(settings, lang)
+if tab_speed.open:
+    with tab_speed:
+        speed.render(settings, lang)
+if tab_explain.open:
+    with tab_explain:
+        explainer.render(lang)

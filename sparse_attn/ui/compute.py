@@ -1,0 +1,91 @@
+"""The numbers and maps behind the picture, cached per settings (bounded: many students share a server).
+
+Everything cached is small: maps pooled to at most 512 x 512 per side,
+small multiples to 128, and a metrics dict. The (B, H, L, L) tensors live only
+while one call runs.
+"""
+from __future__ import annotations
+
+import streamlit as st
+import torch
+
+from sparse_attn import metrics
+from sparse_attn.methods import METHODS, Config, check_budget, shape_of
+from sparse_attn.viz import MAX_CELLS, pool_map
+
+from . import inputs
+
+# Keys of the settings dict that change what is computed (view-only settings like log stay out).
+COMPUTE_KEYS = ("source", "pattern", "text", "L", "H", "D", "method", "k", "samples", "proposal", "block",
+                "nblocks", "window", "chunk", "causal", "device", "dtype", "seed")
+
+
+def config(s: dict) -> Config:
+    return Config(top_k=s["k"], num_samples=s["samples"], chunk_size=s["chunk"], block_size=s["block"],
+                  num_blocks=s["nblocks"], window=s["window"], proposal=s["proposal"], causal=s["causal"],
+                  seed=s["seed"])
+
+
+def qkv(s: dict, upload: bytes | None = None):
+    """Load the source and move it to the chosen device and dtype; refuse over-budget settings first."""
+    method = METHODS[s["method"]]
+    cfg = config(s)
+    if method.validate is not None:
+        method.validate(cfg)
+    dtype = getattr(torch, s["dtype"])
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # Check with the requested sizes before anything is allocated; again below with the loaded ones.
+    planned = shape_of(*(torch.empty(1, s["H"], s["L"], s["D"], device="meta") for _ in range(3)))
+    check_budget(s["method"], planned, cfg, itemsize)
+    q, k, v, tokens, notes = inputs.load(s, upload)
+    check_budget(s["method"], shape_of(q, k, v), cfg, itemsize)
+    q, k, v = (x.to(s["device"], dtype) for x in (q, k, v))
+    return q, k, v, tokens, notes
+
+
+@st.cache_data(max_entries=16, ttl=1800, show_spinner=False)
+def view(s: dict, head: int, pool: str, upload: bytes | None = None) -> dict:
+    """Pooled maps for one head, small multiples of every head, and the metrics. ``s`` holds COMPUTE_KEYS."""
+    q, k, v, tokens, notes = qkv(s, upload)
+    cfg = config(s)
+    with torch.no_grad():
+        dense = METHODS["dense"].run(q, k, v, cfg)
+        sparse = METHODS[s["method"]].run(q, k, v, cfg)
+    H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
+    head = min(head, H - 1)
+    dw, sw = dense.weights.float(), sparse.weights.float()
+    allowed = dw.new_ones(Lq, Lk, dtype=torch.bool)
+    if s["causal"]:
+        allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=dw.device).tril()
+    used = (sparse.mask & allowed).sum(dtype=torch.float64)
+    out_s, out_d = sparse.output.double(), dense.output.double()
+    per_head = {
+        "mass_kept": metrics.mass_kept(dw, sparse.mask, reduce="head").tolist(),
+        "relative_error": metrics.relative_error(out_s, out_d, reduce="head").tolist(),
+        "total_variation": metrics.total_variation(dw, sw, reduce="head").tolist(),
+    }
+    result = {
+        "shape": (H, Lq, Lk),
+        "tokens": tokens,
+        "notes": [(n.code, dict(n.params)) for n in notes],
+        "metrics": {
+            "mass_kept": float(metrics.mass_kept(dw, sparse.mask).mean()),
+            "relative_error": float(metrics.relative_error(out_s, out_d).mean()),
+            "sparsity": float(1 - used / (allowed.sum() * q.shape[0] * H)),
+            "keys_scored": sparse.cost.keys_scored,
+            "keys_attended": sparse.cost.keys_attended,
+            "flops": sparse.cost.flops,
+            "flops_dense": dense.cost.flops,
+            "memory": sparse.cost.memory_bytes,
+            "memory_dense": dense.cost.memory_bytes,
+        },
+        "per_head": per_head,
+        "maps": {
+            "dense": pool_map(dw[0, head].cpu(), MAX_CELLS, pool),
+            "sparse": pool_map(sw[0, head].cpu(), MAX_CELLS, pool),
+            "mask": pool_map(sparse.mask[0, head].float().cpu(), MAX_CELLS, pool),
+            "diff": pool_map((sw[0, head] - dw[0, head]).cpu(), MAX_CELLS, pool, signed=True),
+        },
+        "grid": [pool_map(sw[0, h].cpu(), 128, pool) for h in range(H)],
+    }
+    return result

@@ -1,0 +1,33 @@
+"""Turn an exception into a message in the reader's language, shown in place of the panel it broke."""
+from __future__ import annotations
+
+import logging
+
+import streamlit as st
+
+from sparse_attn.i18n import t
+
+log = logging.getLogger("sparse_attn.app")
+
+
+def message(exc: BaseException, lang: str) -> str:
+    code = getattr(exc, "code", None)
+    params = dict(getattr(exc, "params", {}) or {})
+    if code == "budget":
+        params["setting"] = t(f"setting.{params.get('setting', 'seq_len')}", lang)
+    if code is not None:
+        prefix = "err.source." if type(exc).__name__ == "SourceError" else "err."
+        try:
+            return t(prefix + code, lang, **params)
+        except (KeyError, IndexError, ValueError):
+            pass  # a code or param this catalog does not know yet: fall through to the generic text
+    if isinstance(exc, (ValueError, TypeError)):
+        return t("err.invalid", lang, detail=str(exc))
+    return t("err.unexpected", lang, detail=f"{type(exc).__name__}: {exc}")
+
+
+def show(exc: BaseException, lang: str) -> None:
+    """An error box for this panel only; unexpected errors are also logged with their traceback."""
+    if not isinstance(exc, (ValueError, TypeError)):
+        log.exception("panel failed", exc_info=exc)
+    st.error(message(exc, lang), icon="⚠️")

@@ -1,0 +1,90 @@
+"""Tab 1: dense and sparse attention maps side by side, with the numbers next to them."""
+from __future__ import annotations
+
+import io
+
+import pandas as pd
+import streamlit as st
+
+from sparse_attn import viz
+from sparse_attn.i18n import t
+
+from . import compute, errors, export, state
+
+
+def _si(x: float, unit: str = "") -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= factor:
+            return f"{x / factor:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}".strip()
+
+
+def _bytes(x: float) -> str:
+    for factor, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if x >= factor:
+            return f"{x / factor:.3g} {name}"
+    return f"{x:.0f} B"
+
+
+def metrics_table(data: dict, lang: str) -> pd.DataFrame:
+    """Per-head metrics with translated column names, for the table and the CSV."""
+    ph = data["per_head"]
+    return pd.DataFrame({
+        t("metric.head", lang): list(range(len(ph["mass_kept"]))),
+        t("metric.mass_kept", lang): ph["mass_kept"],
+        t("metric.relative_error", lang): ph["relative_error"],
+        t("metric.total_variation", lang): ph["total_variation"],
+    })
+
+
+def render(s: dict, lang: str) -> None:
+    ss = st.session_state
+    H = s["H"]
+    if ss["head"] > H - 1:
+        ss["head"] = H - 1
+    c1, c2, c3 = st.columns(3)
+    if H > 1:
+        c1.slider(t("setting.head", lang), 0, H - 1, key="head")
+    c2.toggle(t("setting.log", lang), key="log", help=t("help.log", lang))
+    c3.radio(t("setting.pool", lang), ("max", "mean"), key="pool", horizontal=True,
+             format_func=lambda p: t(f"viz.pool_{p}", lang), help=t("help.pool", lang))
+    try:
+        data = compute.view({k: s[k] for k in compute.COMPUTE_KEYS}, ss["head"] if H > 1 else 0, ss["pool"])
+    except Exception as exc:  # a bad setting or input breaks this panel only
+        errors.show(exc, lang)
+        return
+    for code, params in data["notes"]:
+        try:
+            st.info(t(f"note.{code}", lang, **params))
+        except (KeyError, IndexError):
+            pass
+    m = data["metrics"]
+    maps = data["maps"]
+    fig = viz.attention_maps(maps["dense"], maps["sparse"], maps["mask"], diff=maps["diff"], log=ss["log"],
+                             tokens=data["tokens"], method_name=t(f"method.{s['method']}", lang),
+                             title=t("viz.maps_title_head", lang, h=ss["head"] if H > 1 else 0), lang=lang)
+    left, right = st.columns([3, 1])
+    left.plotly_chart(fig, key="maps_chart", config={"displaylogo": False})
+    with right:
+        st.metric(t("metric.mass_kept", lang), f"{m['mass_kept']:.1%}", help=t("help.mass_kept", lang))
+        st.metric(t("metric.relative_error", lang), f"{m['relative_error']:.3g}", help=t("help.relative_error", lang))
+        st.metric(t("metric.sparsity", lang), f"{m['sparsity']:.1%}", help=t("help.sparsity", lang))
+        st.metric(t("metric.keys_scored", lang), f"{m['keys_scored']:.1f}")
+        st.metric(t("metric.keys_attended", lang), f"{m['keys_attended']:.1f}")
+        st.metric(t("metric.flops", lang), _si(m["flops"]),
+                  t("metric.vs_dense", lang, value=_si(m["flops_dense"])), delta_color="off")
+        st.metric(t("metric.memory", lang), _bytes(m["memory"]),
+                  t("metric.vs_dense", lang, value=_bytes(m["memory_dense"])), delta_color="off")
+    table = metrics_table(data, lang)
+    st.subheader(t("maps.heads", lang))
+    st.plotly_chart(viz.head_grid(data["grid"], log=ss["log"], lang=lang), key="grid_chart",
+                    config={"displaylogo": False})
+    st.dataframe(table, hide_index=True)
+    summary = pd.DataFrame([{t(f"metric.{k}", lang): v for k, v in m.items()}])
+    e1, e2, e3 = st.columns(3)
+    e1.download_button(t("export.png", lang), lambda: export.png(fig), file_name="attention_maps.png",
+                       mime="image/png", key="png_maps", on_click="ignore")
+    e2.download_button(t("export.csv_metrics", lang), summary.to_csv(index=False).encode(),
+                       file_name="metrics.csv", mime="text/csv", key="csv_metrics", on_click="ignore")
+    e3.download_button(t("export.csv_heads", lang), table.to_csv(index=False).encode(),
+                       file_name="metrics_per_head.csv", mime="text/csv", key="csv_heads", on_click="ignore")

@@ -1,0 +1,61 @@
+"""The sidebar: language, input, method and where to run. Returns the settings as a dict."""
+from __future__ import annotations
+
+import streamlit as st
+
+from sparse_attn.i18n import LANG_NAMES, LANGS, t
+from sparse_attn.methods import METHODS, choices
+
+from . import inputs, state
+
+
+def render() -> dict:
+    ss = st.session_state
+    sb = st.sidebar
+    sb.radio(t("sidebar.language", state.lang()), LANGS, key="lang", format_func=LANG_NAMES.get, horizontal=True)
+    lang = state.lang()  # the radio above may have just changed it
+
+    sb.header(t("sidebar.input", lang))
+    sources = list(inputs.LOADERS)
+    if ss["source"] not in sources:
+        ss["source"] = sources[0]
+    sb.radio(t("setting.source", lang), sources, key="source", format_func=lambda s: t(f"source.{s}", lang))
+    upload = None
+    if ss["source"] == "synthetic" and inputs.patterns():
+        pats = inputs.patterns()
+        if ss["pattern"] not in pats:
+            ss["pattern"] = "local" if "local" in pats else pats[0]
+        sb.selectbox(t("setting.pattern", lang), pats, key="pattern", format_func=lambda p: t(f"pattern.{p}", lang))
+    sb.select_slider(t("setting.seq_len", lang), state.SEQ_LENS, key="L")
+    sb.slider(t("setting.heads", lang), 1, state.HEADS_MAX, key="H")
+    sb.select_slider(t("setting.head_dim", lang), state.HEAD_DIMS, key="D")
+
+    sb.header(t("sidebar.method", lang))
+    sb.selectbox(t("setting.method", lang), choices("method"), key="method", format_func=lambda m: t(f"method.{m}", lang))
+    params = METHODS[ss["method"]].params
+    if "top_k" in params:
+        sb.slider(t("setting.top_k", lang), 0, state.K_MAX, key="k", help=t("help.top_k", lang))
+    if "num_samples" in params:
+        sb.slider(t("setting.num_samples", lang), 1, state.SAMPLES_MAX, key="samples")
+    if "proposal" in params:
+        sb.selectbox(t("setting.proposal", lang), state.PROPOSALS, key="proposal",
+                     format_func=lambda p: t(f"proposal.{p}", lang))
+    if "block_size" in params:
+        sb.select_slider(t("setting.block_size", lang), state.BLOCKS, key="block")
+        sb.slider(t("setting.num_blocks", lang), 1, 64, key="nblocks")
+        sb.slider(t("setting.window", lang), 1, 1024, key="window")
+    sb.select_slider(t("setting.chunk_size", lang), state.CHUNKS, key="chunk", help=t("help.chunk_size", lang))
+    sb.toggle(t("setting.causal", lang), key="causal")
+
+    sb.header(t("sidebar.run", lang))
+    sb.selectbox(t("setting.device", lang), state.devices(), key="device")
+    dtypes = [d for d in state.DTYPES if d != "float16" or ss["device"] != "cpu"]
+    if ss["dtype"] not in dtypes:
+        ss["dtype"] = "float32"
+    sb.selectbox(t("setting.dtype", lang), dtypes, key="dtype")
+    sb.number_input(t("setting.seed", lang), 0, state.SEED_MAX, step=1, key="seed")
+
+    s = {key: ss[key] for key in state.specs()}
+    s["text"] = ss.get("text", "")
+    s["upload"] = upload
+    return s

@@ -1,0 +1,123 @@
+"""Tab 3: time each method on the chosen device, over sequence lengths, on log-log axes.
+
+Timing runs from all sessions share one lock per device, so one student's
+benchmark never runs beside another's and distorts it. A run stops when its
+time budget is spent and shows what it measured so far.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pandas as pd
+import streamlit as st
+import torch
+
+from sparse_attn import viz
+from sparse_attn.bench import time_fn
+from sparse_attn.i18n import t
+from sparse_attn.methods import METHODS, BudgetError, check_budget, shape_of
+
+from . import compute, errors, export, state
+
+LENGTHS = tuple(L for L in state.SEQ_LENS if L >= 64)
+DEFAULT_LENGTHS = (256, 512, 1024)
+WAIT_S = 120  # how long a run waits for another session's run on the same device
+
+
+@st.cache_resource
+def device_locks() -> dict[str, threading.Lock]:
+    """One lock per device, shared by every session of this server process."""
+    return {d: threading.Lock() for d in state.devices()}
+
+
+def timed_methods(s: dict) -> list[str]:
+    """Dense SDPA, the full-score top-k, streaming top-k at the chosen chunk, and the chosen method."""
+    keys = ["dense", "topk_full", "topk"]
+    if s["method"] not in keys:
+        keys.append(s["method"])
+    return keys
+
+
+def run_sweep(s: dict, lengths, budget_s: float, lang: str, progress=None, min_run_time: float = 0.05):
+    """Rows (method, seq_len, median_ms, iqr_ms, runs, memory_est) and whether the time budget stopped it."""
+    rows, cancelled = [], False
+    methods = timed_methods(s)
+    cfg = compute.config(s)
+    steps = len(lengths) * len(methods)
+    start = time.perf_counter()
+    done = 0
+    for L in sorted(lengths):
+        q, k, v, _, _ = compute.qkv({**s, "L": L, "method": "dense"})
+        for key in methods:
+            done += 1
+            if time.perf_counter() - start > budget_s:
+                cancelled = True
+                break
+            m = METHODS[key]
+            try:
+                need = check_budget(key, shape_of(q, k, v), cfg, q.element_size(), with_view=False)
+            except BudgetError:
+                rows.append(dict(method=key, seq_len=L, median_ms=float("nan"), iqr_ms=float("nan"), runs=0,
+                                 memory_est=float("nan")))
+                continue
+            with torch.no_grad():
+                timing = time_fn(lambda: m.forward(q, k, v, cfg), device=s["device"], min_run_time=min_run_time, min_runs=3)
+            rows.append(dict(method=key, seq_len=L, median_ms=timing.median * 1e3, iqr_ms=timing.iqr * 1e3,
+                             runs=timing.runs, memory_est=m.cost(shape_of(q, k, v), cfg, q.element_size()).memory_bytes))
+            if progress is not None:
+                progress.progress(done / steps, text=t("speed.progress", lang, method=t(f"method.{key}", lang), L=L))
+        if cancelled:
+            break
+    return pd.DataFrame(rows), cancelled
+
+
+def render(s: dict, lang: str) -> None:
+    ss = st.session_state
+    st.caption(t("speed.intro", lang, device=s["device"], dtype=s["dtype"], H=s["H"], D=s["D"]))
+    c1, c2 = st.columns([3, 1])
+    lengths = c1.multiselect(t("speed.lengths", lang), LENGTHS, default=list(DEFAULT_LENGTHS), key="sp_lengths")
+    budget_s = c2.number_input(t("speed.time_budget", lang), 1, 300, 30, key="sp_budget")
+    if st.button(t("speed.run", lang), key="sp_run", type="primary", disabled=not lengths):
+        lock = device_locks()[s["device"]]
+        waiting = st.empty()
+        if not lock.acquire(blocking=False):
+            waiting.info(t("speed.waiting", lang))
+            if not lock.acquire(timeout=WAIT_S):
+                waiting.warning(t("speed.busy", lang))
+                return
+        try:
+            waiting.empty()
+            bar = st.progress(0.0, text=t("speed.starting", lang))
+            df, cancelled = run_sweep(s, lengths, float(budget_s), lang, bar)
+            bar.empty()
+            ss["sp_result"] = dict(df=df, cancelled=cancelled, settings=(s["device"], s["dtype"], s["H"], s["D"], s["chunk"]))
+        except Exception as exc:
+            errors.show(exc, lang)
+            return
+        finally:
+            lock.release()
+    result = ss.get("sp_result")
+    if result is None:
+        st.info(t("speed.hint", lang))
+        return
+    df = result["df"]
+    if result["cancelled"]:
+        st.warning(t("speed.cancelled", lang, budget=budget_s))
+    if df["median_ms"].isna().any():
+        st.info(t("speed.skipped", lang))
+    names = {key: t(f"method.{key}", lang) for key in df["method"].unique()}
+    fig = viz.scaling_plot(df.dropna(subset=["median_ms"]), names=names, lang=lang)
+    st.plotly_chart(fig, key="speed_chart", config={"displaylogo": False})
+    st.success(t("speed.done", lang, n=int(df["runs"].gt(0).sum())))
+    table = df.assign(method=df["method"].map(names)).rename(columns={
+        "method": t("budget.col_method", lang), "seq_len": t("setting.seq_len", lang),
+        "median_ms": t("speed.col_median", lang), "iqr_ms": t("speed.col_iqr", lang),
+        "runs": t("speed.col_runs", lang), "memory_est": t("speed.col_memory", lang),
+    })
+    st.dataframe(table, hide_index=True)
+    c1, c2 = st.columns(2)
+    c1.download_button(t("export.png", lang), lambda: export.png(fig), file_name="timings.png", mime="image/png",
+                       key="png_speed", on_click="ignore")
+    c2.download_button(t("export.csv_timings", lang), df.to_csv(index=False).encode(), file_name="timings.csv",
+                       mime="text/csv", key="csv_speed", on_click="ignore")

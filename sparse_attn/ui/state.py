@@ -1,0 +1,138 @@
+"""Settings: defaults, bounds, and the round trip through the URL query string.
+
+Each setting lives in ``st.session_state`` under its own key (which is also its
+widget key and its query-string name), so widgets keep their values when the
+language changes. On a session's first run the query string seeds them: a
+shared URL restores its view. Values from the URL are checked against the
+same bounds as the widgets; a bad value falls back to the default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import streamlit as st
+
+from sparse_attn.i18n import LANGS
+from sparse_attn.methods import choices
+
+SEQ_LENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+HEAD_DIMS = (16, 32, 64, 128)
+CHUNKS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+BLOCKS = (4, 8, 16, 32, 64, 128)
+PROPOSALS = ("lsh", "uniform", "oracle")
+K_MAX, SAMPLES_MAX, SEED_MAX, HEADS_MAX = 512, 1024, 2**31 - 1, 16
+
+
+@dataclass(frozen=True)
+class Spec:
+    default: Any
+    parse: Callable[[str], Any]  # URL text -> value; raises ValueError when not allowed
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not lo <= value <= hi:
+            raise ValueError(value)
+        return value
+
+    return parse
+
+
+def _one_of(options, cast=str) -> Callable[[str], Any]:
+    def parse(text: str):
+        value = cast(text)
+        if value not in options:
+            raise ValueError(value)
+        return value
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(text)
+
+
+def devices() -> list[str]:
+    import torch
+
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def specs() -> dict[str, Spec]:
+    return {
+        "lang": Spec("en", _one_of(LANGS)),
+        "source": Spec("synthetic", str),  # checked against the registered sources in the sidebar
+        "pattern": Spec("local", str),
+        "L": Spec(256, _one_of(SEQ_LENS, int)),
+        "H": Spec(4, _int_in(1, HEADS_MAX)),
+        "D": Spec(64, _one_of(HEAD_DIMS, int)),
+        "method": Spec("topk", _one_of(choices("method"))),
+        "k": Spec(32, _int_in(0, K_MAX)),
+        "samples": Spec(64, _int_in(1, SAMPLES_MAX)),
+        "proposal": Spec("lsh", _one_of(PROPOSALS)),
+        "block": Spec(16, _one_of(BLOCKS, int)),
+        "nblocks": Spec(4, _int_in(1, 64)),
+        "window": Spec(32, _int_in(1, 1024)),
+        "chunk": Spec(64, _one_of(CHUNKS, int)),
+        "causal": Spec(False, _bool),
+        "device": Spec("cpu", _one_of(devices())),
+        "dtype": Spec("float32", _one_of(DTYPES)),
+        "seed": Spec(0, _int_in(0, SEED_MAX)),
+        "head": Spec(0, _int_in(0, HEADS_MAX - 1)),
+        "log": Spec(False, _bool),
+        "pool": Spec("max", _one_of(("max", "mean"))),
+    }
+
+
+# Settings that stay out of the URL: long free text would make it unshareable.
+NOT_IN_URL = ("text",)
+
+
+def init_state() -> None:
+    """Seed session_state from the query string once per session, then from defaults."""
+    ss = st.session_state
+    if ss.get("_seeded"):
+        # Re-assigning keeps the values of widgets hidden on this run (Streamlit drops those otherwise).
+        for key, spec in specs().items():
+            ss[key] = ss[key] if key in ss else spec.default
+        return
+    params = st.query_params
+    for key, spec in specs().items():
+        value = spec.default
+        if key in params:
+            try:
+                value = spec.parse(params[key])
+            except (ValueError, TypeError):
+                pass  # a hand-edited or stale URL: keep the default
+        ss[key] = value
+    ss["_seeded"] = True
+
+
+def write_query_params(keys) -> None:
+    """Mirror the current settings into the URL (only those that differ, to keep it short)."""
+    want = {}
+    for key in keys:
+        spec = specs().get(key)
+        value = st.session_state.get(key)
+        if spec is not None and value is not None and (value != spec.default or key == "lang"):
+            want[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    if dict(st.query_params) != want:
+        st.query_params.from_dict(want)
+
+
+def lang() -> str:
+    return st.session_state.get("lang", "en")

@@ -1,0 +1,273 @@
+"""Pictures: tensors in, plotly Figures out. No Streamlit, so notebooks call the same functions.
+
+Every function takes ``lang`` ("en" / "zh") for its default titles and axis
+labels (from ``sparse_attn.i18n``); pass ``title=`` etc. to override them.
+Maps larger than ``max_cells`` per side are pooled (max or mean) before they
+reach the browser, and the title says so; axes keep token positions, so a
+pooled cell's hover shows where it sits in the original matrix.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+import torch.nn.functional as F
+from plotly.subplots import make_subplots
+
+from .i18n import t
+
+__all__ = [
+    "Pooled", "pool_map", "heatmap", "attention_maps", "head_grid", "budget_curve",
+    "scaling_plot", "chunked_topk_figure", "MAX_CELLS", "MAX_TOKEN_LABELS",
+]
+
+MAX_CELLS = 512         # per side, beyond which maps are pooled
+MAX_TOKEN_LABELS = 48   # per side, up to which tokens label the axes
+LOG_FLOOR = 1e-6        # log colour scale: weights below this (and zeros) show as this
+SEQUENTIAL = "Viridis"
+DIVERGING = "RdBu_r"
+
+
+class Pooled(NamedTuple):
+    """A 2-D map ready to draw: ``values`` (rows, cols) float32, each cell covering step_q x step_k entries."""
+
+    values: np.ndarray
+    step_q: int
+    step_k: int
+    mode: str          # "max", "mean" or "none"
+    shape: tuple[int, int]
+
+
+def _as_2d(m) -> torch.Tensor:
+    if isinstance(m, np.ndarray):
+        m = torch.from_numpy(m)
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"m must be a 2-d tensor or array, got {type(m).__name__}")
+    if m.dim() != 2:
+        raise ValueError(f"m must be 2-d (queries, keys), got shape {tuple(m.shape)}")
+    return m.detach().to("cpu", torch.float32)
+
+
+def pool_map(m, max_cells: int = MAX_CELLS, mode: str = "max", *, signed: bool = False) -> Pooled:
+    """Pool a (Lq, Lk) map so neither side exceeds ``max_cells``.
+
+    ``mode`` "max" keeps the largest entry of each cell (a selected key never
+    disappears), "mean" the average (mass per cell). With ``signed`` (a
+    difference map) "max" keeps the entry of largest magnitude with its sign.
+    A map already small enough is returned as is (mode "none"); a Pooled passes through.
+    """
+    if isinstance(m, Pooled):
+        return m
+    if mode not in ("max", "mean"):
+        raise ValueError(f"mode must be 'max' or 'mean', got {mode!r}")
+    if isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 1:
+        raise ValueError(f"max_cells must be an int >= 1, got {max_cells!r}")
+    x = _as_2d(m)
+    Lq, Lk = x.shape
+    sq, sk = max(1, math.ceil(Lq / max_cells)), max(1, math.ceil(Lk / max_cells))
+    if sq == 1 and sk == 1:
+        return Pooled(x.numpy(), 1, 1, "none", (Lq, Lk))
+    img = x[None, None]
+    if mode == "mean":
+        # count_include_pad=False: a ragged last cell averages only its real entries.
+        out = F.avg_pool2d(img, (sq, sk), ceil_mode=True, count_include_pad=False)
+    elif signed:
+        hi = F.max_pool2d(img, (sq, sk), ceil_mode=True)
+        lo = -F.max_pool2d(-img, (sq, sk), ceil_mode=True)
+        out = torch.where(hi.abs() >= lo.abs(), hi, lo)
+    else:
+        out = F.max_pool2d(img, (sq, sk), ceil_mode=True)
+    return Pooled(out[0, 0].numpy(), sq, sk, mode, (Lq, Lk))
+
+
+def _pool_note(p: Pooled, lang: str) -> str:
+    if p.mode == "none":
+        return ""
+    return " " + t("viz.pooled", lang, mode=t(f"viz.pool_{p.mode}", lang), sq=p.step_q, sk=p.step_k)
+
+
+def _trace(p: Pooled, *, log: bool, coloraxis: str, name: str) -> go.Heatmap:
+    z = p.values
+    if log:
+        z = np.log10(np.maximum(z, LOG_FLOOR))
+    return go.Heatmap(
+        z=z.astype(np.float32), x0=(p.step_k - 1) / 2, dx=p.step_k, y0=(p.step_q - 1) / 2, dy=p.step_q,
+        coloraxis=coloraxis, name=name, hovertemplate="%{y} → %{x}: %{z:.3g}<extra>" + name + "</extra>",
+    )
+
+
+def _token_axis(axis: dict, tokens: Sequence[str] | None, n: int) -> dict:
+    if tokens is not None and len(tokens) == n and n <= MAX_TOKEN_LABELS:
+        axis.update(tickmode="array", tickvals=list(range(n)), ticktext=[str(s) for s in tokens])
+    return axis
+
+
+def _colorbar(log: bool, **kw) -> dict:
+    if not log:
+        return kw
+    ticks = list(range(int(math.log10(LOG_FLOOR)), 1))
+    return {**kw, "tickvals": ticks, "ticktext": [f"1e{v}" if v else "1" for v in ticks]}
+
+
+def heatmap(m, *, title: str | None = None, x_title: str | None = None, y_title: str | None = None,
+            log: bool = False, zmin: float | None = None, zmax: float | None = None,
+            tokens: Sequence[str] | None = None, max_cells: int = MAX_CELLS, pool: str = "max",
+            lang: str = "en") -> go.Figure:
+    """One attention map (Lq, Lk) as a heatmap: queries down, keys across.
+
+    ``log`` shows log10 of the weights (zeros at ``LOG_FLOOR``). ``tokens``
+    label both axes when there are at most ``MAX_TOKEN_LABELS`` of them.
+    """
+    p = pool_map(m, max_cells, pool)
+    title = t("viz.attention_map", lang) if title is None else title
+    fig = go.Figure(_trace(p, log=log, coloraxis="coloraxis", name=title))
+    fig.update_layout(
+        title=title + _pool_note(p, lang),
+        coloraxis=dict(colorscale=SEQUENTIAL, cmin=zmin, cmax=zmax, colorbar=_colorbar(log)),
+        xaxis=_token_axis(dict(title=x_title or t("viz.key_axis", lang)), tokens, p.shape[1]),
+        yaxis=_token_axis(dict(title=y_title or t("viz.query_axis", lang), autorange="reversed"), tokens, p.shape[0]),
+    )
+    return fig
+
+
+def attention_maps(dense, sparse, mask, *, diff=None, log: bool = False, tokens: Sequence[str] | None = None,
+                   max_cells: int = MAX_CELLS, pool: str = "max", method_name: str | None = None,
+                   title: str | None = None, lang: str = "en") -> go.Figure:
+    """Dense and sparse weights on one colour scale, the selection mask and the difference (sparse - dense).
+
+    Each input is a (Lq, Lk) tensor or array (one head), or a ``Pooled`` from
+    ``pool_map`` (then ``diff``, sparse - dense pooled with ``signed=True``, is
+    needed too). Layout 2 x 2: dense | sparse on top with their shared colour
+    bar, mask | difference below with a diverging colour bar centred on 0.
+    With ``log`` the shared scale is log10.
+    """
+    if diff is None:
+        if isinstance(dense, Pooled) or isinstance(sparse, Pooled):
+            raise ValueError("diff is required when dense or sparse is already pooled")
+        diff = _as_2d(sparse) - _as_2d(dense)
+    d, s = pool_map(dense, max_cells, pool), pool_map(sparse, max_cells, pool)
+    msk = mask if isinstance(mask, Pooled) else pool_map(_as_2d(torch.as_tensor(mask)).float(), max_cells, pool)
+    diff = pool_map(diff, max_cells, pool, signed=True)
+    method_name = method_name or t("viz.sparse", lang)
+    names = [t("viz.dense", lang), method_name, t("viz.mask", lang), t("viz.difference", lang)]
+    fig = make_subplots(rows=2, cols=2, subplot_titles=names, horizontal_spacing=0.12, vertical_spacing=0.12)
+    top = float(max(d.values.max(initial=0), s.values.max(initial=0)))
+    fig.add_trace(_trace(d, log=log, coloraxis="coloraxis", name=names[0]), 1, 1)
+    fig.add_trace(_trace(s, log=log, coloraxis="coloraxis", name=names[1]), 1, 2)
+    fig.add_trace(_trace(msk, log=False, coloraxis="coloraxis3", name=names[2]), 2, 1)
+    fig.add_trace(_trace(diff, log=False, coloraxis="coloraxis2", name=names[3]), 2, 2)
+    lim = float(np.abs(diff.values).max(initial=0)) or 1e-12
+    fig.update_layout(
+        title=(title or t("viz.maps_title", lang)) + _pool_note(d, lang),
+        coloraxis=dict(colorscale=SEQUENTIAL, cmin=math.log10(LOG_FLOOR) if log else 0.0,
+                       cmax=math.log10(max(top, LOG_FLOOR)) if log else top,
+                       colorbar=_colorbar(log, x=1.0, y=0.79, len=0.42, title=t("viz.weight", lang))),
+        coloraxis2=dict(colorscale=DIVERGING, cmin=-lim, cmax=lim,
+                        colorbar=dict(x=1.0, y=0.21, len=0.42, title=t("viz.difference_short", lang))),
+        coloraxis3=dict(colorscale=[[0, "#f4f4f4"], [1, "#222222"]], cmin=0, cmax=1, showscale=False),
+        height=820, margin=dict(t=90),
+    )
+    for i in (1, 2):
+        for j in (1, 2):
+            n = d.shape
+            fig.update_xaxes(_token_axis(dict(title=t("viz.key_axis", lang)), tokens, n[1]), row=i, col=j)
+            fig.update_yaxes(_token_axis(dict(title=t("viz.query_axis", lang), autorange="reversed"), tokens, n[0]),
+                             row=i, col=j)
+    return fig
+
+
+def head_grid(weights, *, log: bool = False, max_cells: int = 128, pool: str = "max", cols: int = 4,
+              title: str | None = None, lang: str = "en") -> go.Figure:
+    """Small multiples: one map per head from ``weights`` (H, Lq, Lk) or a list of ``Pooled``; one colour scale."""
+    if isinstance(weights, (list, tuple)):
+        w = list(weights)
+    else:
+        w = torch.as_tensor(weights) if isinstance(weights, np.ndarray) else weights
+        if not isinstance(w, torch.Tensor) or w.dim() != 3:
+            raise ValueError(f"weights must be (H, Lq, Lk), got {getattr(w, 'shape', type(w).__name__)}")
+    H = len(w)
+    cols = max(1, min(cols, H))
+    rows = math.ceil(H / cols)
+    names = [t("viz.head_n", lang, h=h) for h in range(H)]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.03, vertical_spacing=0.08)
+    pooled = [pool_map(w[h], max_cells, pool) for h in range(H)]
+    top = max(float(p.values.max(initial=0)) for p in pooled)
+    for h, p in enumerate(pooled):
+        fig.add_trace(_trace(p, log=log, coloraxis="coloraxis", name=names[h]), h // cols + 1, h % cols + 1)
+    fig.update_yaxes(autorange="reversed", showticklabels=False)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_layout(
+        title=(title or t("viz.heads_title", lang)) + _pool_note(pooled[0], lang),
+        coloraxis=dict(colorscale=SEQUENTIAL, cmin=math.log10(LOG_FLOOR) if log else 0.0,
+                       cmax=math.log10(max(top, LOG_FLOOR)) if log else top, colorbar=_colorbar(log)),
+        height=max(260, 230 * rows), margin=dict(t=80),
+    )
+    return fig
+
+
+def budget_curve(df, *, x: str = "budget", y: str = "relative_error", color: str = "method",
+                 title: str | None = None, x_title: str | None = None, y_title: str | None = None,
+                 names: dict[str, str] | None = None, lang: str = "en") -> go.Figure:
+    """Error against budget (keys or samples per query), one line per method, log x."""
+    fig = go.Figure()
+    for key, part in df.groupby(color, sort=False):
+        part = part.sort_values(x)
+        fig.add_trace(go.Scatter(x=part[x].to_numpy(), y=part[y].to_numpy(), mode="lines+markers",
+                                 name=(names or {}).get(key, str(key))))
+    fig.update_layout(title=title or t("viz.budget_title", lang),
+                      xaxis=dict(title=x_title or t("viz.budget_axis", lang), type="log"),
+                      yaxis=dict(title=y_title or t("viz.error_axis", lang), type="log"))
+    return fig
+
+
+def scaling_plot(df, *, x: str = "seq_len", y: str = "median_ms", spread: str | None = "iqr_ms",
+                 color: str = "method", names: dict[str, str] | None = None, title: str | None = None,
+                 x_title: str | None = None, y_title: str | None = None, lang: str = "en") -> go.Figure:
+    """Cost against sequence length on log-log axes, one line per method; ``spread`` draws error bars."""
+    fig = go.Figure()
+    for key, part in df.groupby(color, sort=False):
+        part = part.sort_values(x)
+        err = dict(type="data", array=part[spread].to_numpy() / 2, visible=True) if spread else None
+        fig.add_trace(go.Scatter(x=part[x].to_numpy(), y=part[y].to_numpy(), error_y=err, mode="lines+markers",
+                                 name=(names or {}).get(key, str(key))))
+    fig.update_layout(title=title or t("viz.scaling_title", lang),
+                      xaxis=dict(title=x_title or t("viz.seq_len_axis", lang), type="log"),
+                      yaxis=dict(title=y_title or t("viz.time_axis", lang), type="log"))
+    return fig
+
+
+def chunked_topk_figure(x, k: int, chunk_size: int, *, title: str | None = None, lang: str = "en") -> go.Figure:
+    """How chunked top-k works on a 1-d ``x``: each chunk's candidates, then the final merge.
+
+    Row per chunk: its values as bars, the chunk's own top-k (candidates)
+    highlighted. Last row: all values, with the final top-k (the merge of the
+    candidates, which equals ``torch.topk``) highlighted.
+    """
+    from .topk import chunked_topk
+
+    x = torch.as_tensor(x, dtype=torch.float32).flatten()
+    n = x.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..{n} (the length of x), got {k}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    starts = list(range(0, n, chunk_size))
+    final = set(chunked_topk(x, k, chunk_size=chunk_size).indices.tolist())
+    names = [t("viz.chunk_n", lang, i=i, a=a, b=min(a + chunk_size, n) - 1) for i, a in enumerate(starts)]
+    names.append(t("viz.merge", lang, k=k))
+    fig = make_subplots(rows=len(starts) + 1, cols=1, shared_xaxes=True, subplot_titles=names, vertical_spacing=0.04)
+    idx = np.arange(n)
+    for r, a in enumerate(starts, start=1):
+        chunk = x[a : a + chunk_size]
+        cand = set((torch.topk(chunk, min(k, chunk.numel())).indices + a).tolist())
+        colors = ["#d62728" if i in cand else "#c7c7c7" for i in range(a, a + chunk.numel())]
+        fig.add_trace(go.Bar(x=idx[a : a + chunk.numel()], y=chunk.numpy(), marker_color=colors, showlegend=False), r, 1)
+    colors = ["#1f77b4" if i in final else "#c7c7c7" for i in range(n)]
+    fig.add_trace(go.Bar(x=idx, y=x.numpy(), marker_color=colors, showlegend=False), len(starts) + 1, 1)
+    fig.update_xaxes(range=[-0.5, n - 0.5])
+    fig.update_xaxes(title=t("viz.position_axis", lang), row=len(starts) + 1, col=1)
+    fig.update_layout(title=title or t("viz.chunked_title", lang), height=140 * (len(starts) + 1) + 80, bargap=0.1)
+    return fig
