@@ -27,10 +27,10 @@ def sweep_methods(proposal: str) -> list[str]:
 
 
 @st.cache_data(max_entries=8, ttl=1800, show_spinner=False)
-def curve(s: dict):
+def curve(s: dict, upload=None):
     from sparse_attn.sweep import budget_sweep
 
-    q, k, v, _, _ = compute.qkv(s)
+    q, k, v, _, _ = compute.qkv(s, upload)
     L = k.shape[2]
     budgets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b <= min(L, BUDGET_MAX)]
     return budget_sweep(q, k, v, sweep_methods(s["proposal"]), budgets, seeds=SEEDS, causal=s["causal"])
@@ -45,7 +45,7 @@ def method_name(key: str, lang: str) -> str:
 def render(s: dict, lang: str) -> None:
     st.caption(t("budget.intro", lang))
     try:
-        df = curve({**{k: s[k] for k in compute.COMPUTE_KEYS}, "method": "topk", "k": 1})
+        df = curve({**{k: s[k] for k in compute.COMPUTE_KEYS}, "method": "topk", "k": 1}, s["upload"])
     except Exception as exc:
         errors.show(exc, lang)
         return

@@ -16,7 +16,7 @@ from sparse_attn.viz import MAX_CELLS, pool_map
 from . import inputs
 
 # Keys of the settings dict that change what is computed (view-only settings like log stay out).
-COMPUTE_KEYS = ("source", "pattern", "text", "L", "H", "D", "method", "k", "samples", "proposal", "block",
+COMPUTE_KEYS = ("source", "pattern", "text", "layer", "L", "H", "D", "method", "k", "samples", "proposal", "block",
                 "nblocks", "window", "chunk", "causal", "device", "dtype", "seed")
 
 
@@ -34,18 +34,22 @@ def qkv(s: dict, upload: bytes | None = None):
         method.validate(cfg)
     dtype = getattr(torch, s["dtype"])
     itemsize = torch.empty((), dtype=dtype).element_size()
-    # Check with the requested sizes before anything is allocated; again below with the loaded ones.
-    planned = shape_of(*(torch.empty(1, s["H"], s["L"], s["D"], device="meta") for _ in range(3)))
-    check_budget(s["method"], planned, cfg, itemsize)
-    q, k, v, tokens, notes = inputs.load(s, upload)
+    if s["source"] == "synthetic":
+        # Refuse before anything is allocated; model and file inputs are checked once loaded (their size is bounded).
+        planned = shape_of(*(torch.empty(1, s["H"], s["L"], s["D"], device="meta") for _ in range(3)))
+        check_budget(s["method"], planned, cfg, itemsize)
+    q, k, v, tokens, notes = inputs.load_qkv(s, upload)
     check_budget(s["method"], shape_of(q, k, v), cfg, itemsize)
     q, k, v = (x.to(s["device"], dtype) for x in (q, k, v))
     return q, k, v, tokens, notes
 
 
 @st.cache_data(max_entries=16, ttl=1800, show_spinner=False)
-def view(s: dict, head: int, pool: str, upload: bytes | None = None) -> dict:
-    """Pooled maps for one head, small multiples of every head, and the metrics. ``s`` holds COMPUTE_KEYS."""
+def view(s: dict, head: int, pool: str, upload: tuple[str, bytes] | None = None) -> dict:
+    """Pooled maps for one head (clamped to the heads there are), small multiples of every head, and the metrics.
+
+    ``s`` holds COMPUTE_KEYS; ``upload`` is (file name, bytes) for the file source.
+    """
     q, k, v, tokens, notes = qkv(s, upload)
     cfg = config(s)
     with torch.no_grad():
@@ -66,6 +70,7 @@ def view(s: dict, head: int, pool: str, upload: bytes | None = None) -> dict:
     }
     result = {
         "shape": (H, Lq, Lk),
+        "head": head,
         "tokens": tokens,
         "notes": [(n.code, dict(n.params)) for n in notes],
         "metrics": {

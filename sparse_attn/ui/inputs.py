@@ -1,45 +1,47 @@
-"""Where q, k, v come from: one entry per source, shown only when its library code exists.
+"""Where q, k, v come from: the sidebar's settings turned into a ``sparse_attn.sources.Source``.
 
-Each loader takes the settings dict and returns (q, k, v, tokens, notes) with
-q (1, H, L, D) and k, v (1, Hkv, L, D) on the CPU in float32; ``tokens`` is a
-list of strings or None; ``notes`` a list of objects with code/params.
+Sources are loaded on the CPU in float32 (``compute`` moves them to the chosen
+device and dtype). The model is loaded once per server process and shared by
+every session (``st.cache_resource``); it is read-only after loading.
 """
 from __future__ import annotations
 
-from typing import Callable
+import streamlit as st
 
-import torch
+from sparse_attn.methods import SettingError
+from sparse_attn.sources import DEFAULT_MAX_BYTES, FILE_SUFFIXES, PATTERNS, Source, load, load_model
 
-LOADERS: dict[str, Callable] = {}
-
-
-def _synthetic(s: dict, upload: bytes | None):
-    from sparse_attn.sources.synthetic import synthetic_qkv
-
-    q, k, v = synthetic_qkv(s["pattern"] or "random", heads=s["H"], length=s["L"], head_dim=s["D"], seed=s["seed"])
-    return q, k, v, None, []
+KINDS = ("synthetic", "model", "file")
+MAX_TEXT_CHARS = 2000   # the model reads at most 512 tokens; longer pastes are refused at the widget
+MAX_UPLOAD_BYTES = min(DEFAULT_MAX_BYTES, 64 * 2**20)  # also .streamlit/config.toml's maxUploadSize
+SUFFIXES = tuple(s.lstrip(".") for s in FILE_SUFFIXES)
+DEFAULT_TEXT = "The cat sat on the mat because it was warm, and the dog watched the cat from the door."
 
 
 def patterns() -> list[str]:
-    try:
-        from sparse_attn.sources.synthetic import PATTERNS
-    except ImportError:
-        return []
     return list(PATTERNS)
 
 
-if patterns():
-    LOADERS["synthetic"] = _synthetic
-else:  # the synthetic patterns are not available: plain Gaussian q, k, v
-    def _gaussian(s: dict, upload: bytes | None):
-        g = torch.Generator().manual_seed(s["seed"])
-        q, k, v = (torch.randn(1, s["H"], s["L"], s["D"], generator=g) for _ in range(3))
-        return q, k, v, None, []
-
-    LOADERS["synthetic"] = _gaussian
+@st.cache_resource(show_spinner=False)
+def model():
+    """The default pretrained encoder, loaded once per process (about 3 s)."""
+    return load_model()
 
 
-def load(s: dict, upload: bytes | None = None):
-    if s["source"] not in LOADERS:
-        raise ValueError(f"source must be one of {list(LOADERS)}, got {s['source']!r}")
-    return LOADERS[s["source"]](s, upload)
+def source(s: dict, upload: tuple[str, bytes] | None = None) -> Source:
+    """The Source for these settings; ``upload`` is (file name, bytes) for the file source."""
+    if s["source"] == "model":
+        model()  # warm the shared model through the resource cache
+        return Source.model(s.get("text", ""), layer=s["layer"])
+    if s["source"] == "file":
+        name, data = upload if upload is not None else ("", None)
+        if data is None:
+            raise SettingError("no_upload", "upload a q/k/v file first")
+        return Source.file(data=data, name=name, max_bytes=MAX_UPLOAD_BYTES)
+    return Source.synthetic(s["pattern"], heads=s["H"], length=s["L"], head_dim=s["D"], seed=s["seed"])
+
+
+def load_qkv(s: dict, upload=None):
+    """(q, k, v, tokens, notes) for these settings, on the CPU."""
+    qkv = load(source(s, upload))
+    return qkv.q, qkv.k, qkv.v, qkv.tokens, list(qkv.notes)

@@ -39,20 +39,21 @@ def metrics_table(data: dict, lang: str) -> pd.DataFrame:
 
 def render(s: dict, lang: str) -> None:
     ss = st.session_state
-    H = s["H"]
-    if ss["head"] > H - 1:
-        ss["head"] = H - 1
-    c1, c2, c3 = st.columns(3)
+    controls = st.container()  # filled once the data says how many heads there are
+    try:
+        data = compute.view({k: s[k] for k in compute.COMPUTE_KEYS}, ss["head"], ss["pool"], s["upload"])
+    except Exception as exc:  # a bad setting or input breaks this panel only
+        errors.show(exc, lang)
+        return
+    H = data["shape"][0]
+    if ss["head"] != data["head"]:
+        ss["head"] = data["head"]
+    c1, c2, c3 = controls.columns(3)
     if H > 1:
         c1.slider(t("setting.head", lang), 0, H - 1, key="head")
     c2.toggle(t("setting.log", lang), key="log", help=t("help.log", lang))
     c3.radio(t("setting.pool", lang), ("max", "mean"), key="pool", horizontal=True,
              format_func=lambda p: t(f"viz.pool_{p}", lang), help=t("help.pool", lang))
-    try:
-        data = compute.view({k: s[k] for k in compute.COMPUTE_KEYS}, ss["head"] if H > 1 else 0, ss["pool"])
-    except Exception as exc:  # a bad setting or input breaks this panel only
-        errors.show(exc, lang)
-        return
     for code, params in data["notes"]:
         try:
             st.info(t(f"note.{code}", lang, **params))
@@ -62,7 +63,7 @@ def render(s: dict, lang: str) -> None:
     maps = data["maps"]
     fig = viz.attention_maps(maps["dense"], maps["sparse"], maps["mask"], diff=maps["diff"], log=ss["log"],
                              tokens=data["tokens"], method_name=t(f"method.{s['method']}", lang),
-                             title=t("viz.maps_title_head", lang, h=ss["head"] if H > 1 else 0), lang=lang)
+                             title=t("viz.maps_title_head", lang, h=data["head"]), lang=lang)
     left, right = st.columns([3, 1])
     left.plotly_chart(fig, key="maps_chart", config={"displaylogo": False})
     with right:

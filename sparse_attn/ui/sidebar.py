@@ -16,19 +16,27 @@ def render() -> dict:
     lang = state.lang()  # the radio above may have just changed it
 
     sb.header(t("sidebar.input", lang))
-    sources = list(inputs.LOADERS)
+    sources = list(inputs.KINDS)
     if ss["source"] not in sources:
         ss["source"] = sources[0]
     sb.radio(t("setting.source", lang), sources, key="source", format_func=lambda s: t(f"source.{s}", lang))
     upload = None
-    if ss["source"] == "synthetic" and inputs.patterns():
+    if ss["source"] == "synthetic":
         pats = inputs.patterns()
         if ss["pattern"] not in pats:
             ss["pattern"] = "local" if "local" in pats else pats[0]
         sb.selectbox(t("setting.pattern", lang), pats, key="pattern", format_func=lambda p: t(f"pattern.{p}", lang))
-    sb.select_slider(t("setting.seq_len", lang), state.SEQ_LENS, key="L")
-    sb.slider(t("setting.heads", lang), 1, state.HEADS_MAX, key="H")
-    sb.select_slider(t("setting.head_dim", lang), state.HEAD_DIMS, key="D")
+        sb.select_slider(t("setting.seq_len", lang), state.SEQ_LENS, key="L")
+        sb.slider(t("setting.heads", lang), 1, state.HEADS_MAX, key="H")
+        sb.select_slider(t("setting.head_dim", lang), state.HEAD_DIMS, key="D")
+    elif ss["source"] == "model":
+        sb.text_area(t("setting.text", lang), key="text", max_chars=inputs.MAX_TEXT_CHARS, help=t("help.text", lang))
+        sb.slider(t("setting.layer", lang), 0, 5, key="layer")
+    else:
+        f = sb.file_uploader(t("setting.file", lang), type=list(inputs.SUFFIXES), key="upload_file",
+                             help=t("help.file", lang))
+        if f is not None:
+            upload = (f.name, f.getvalue())
 
     sb.header(t("sidebar.method", lang))
     sb.selectbox(t("setting.method", lang), choices("method"), key="method", format_func=lambda m: t(f"method.{m}", lang))

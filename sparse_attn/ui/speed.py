@@ -48,7 +48,8 @@ def run_sweep(s: dict, lengths, budget_s: float, lang: str, progress=None, min_r
     start = time.perf_counter()
     done = 0
     for L in sorted(lengths):
-        q, k, v, _, _ = compute.qkv({**s, "L": L, "method": "dense"})
+        # Timings depend on shapes, not values: every source is timed on random q, k, v of its head count.
+        q, k, v, _, _ = compute.qkv({**s, "source": "synthetic", "pattern": "random", "L": L, "method": "dense"})
         for key in methods:
             done += 1
             if time.perf_counter() - start > budget_s:

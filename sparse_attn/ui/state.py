@@ -16,6 +16,8 @@ import streamlit as st
 from sparse_attn.i18n import LANGS
 from sparse_attn.methods import choices
 
+from .inputs import DEFAULT_TEXT, MAX_TEXT_CHARS
+
 SEQ_LENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 HEAD_DIMS = (16, 32, 64, 128)
 CHUNKS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -58,6 +60,12 @@ def _bool(text: str) -> bool:
     raise ValueError(text)
 
 
+def _text(text: str) -> str:
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError("too long")
+    return text
+
+
 def devices() -> list[str]:
     import torch
 
@@ -77,6 +85,8 @@ def specs() -> dict[str, Spec]:
         "lang": Spec("en", _one_of(LANGS)),
         "source": Spec("synthetic", str),  # checked against the registered sources in the sidebar
         "pattern": Spec("local", str),
+        "text": Spec(DEFAULT_TEXT, _text),
+        "layer": Spec(0, _int_in(0, 23)),
         "L": Spec(256, _one_of(SEQ_LENS, int)),
         "H": Spec(4, _int_in(1, HEADS_MAX)),
         "D": Spec(64, _one_of(HEAD_DIMS, int)),
@@ -98,8 +108,8 @@ def specs() -> dict[str, Spec]:
     }
 
 
-# Settings that stay out of the URL: long free text would make it unshareable.
-NOT_IN_URL = ("text",)
+# Free text goes into the URL only while it is short enough to share.
+URL_TEXT_CHARS = 200
 
 
 def init_state() -> None:
@@ -128,6 +138,8 @@ def write_query_params(keys) -> None:
     for key in keys:
         spec = specs().get(key)
         value = st.session_state.get(key)
+        if key == "text" and len(str(value)) > URL_TEXT_CHARS:
+            continue
         if spec is not None and value is not None and (value != spec.default or key == "lang"):
             want[key] = str(value).lower() if isinstance(value, bool) else str(value)
     if dict(st.query_params) != want:
