@@ -260,6 +260,14 @@ def _selected_impl(q, k, v, block_indices, block_size, causal, scale, block_bias
     of every token of a slot; NSA's differentiable top-k uses it. A backend that
     does not take it must leave those calls to the reference.
     """
+    if q.is_cuda and block_bias is None and not (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    ):
+        # The Triton kernel is forward-only; training and CPU calls take the reference.
+        from .kernels.selected_block import selected_block_attention_triton, triton_supports
+
+        if triton_supports(q, block_indices):
+            return selected_block_attention_triton(q, k, v, block_indices, block_size, causal=causal, scale=scale)
     return _selected_reference(q, k, v, block_indices, block_size, causal=causal, scale=scale, block_bias=block_bias)
 
 

@@ -1,0 +1,187 @@
+"""NSA's selected-block branch as one Triton kernel, shared across a KV group.
+
+Each query attends to the union of a few key blocks picked for it (plus the
+causal mask). With grouped-query attention the query heads of one KV group
+share their selected blocks, so one program handles one (query position, KV
+group): it stacks the group's G query heads into a (G, D) tile, and loads each
+selected K/V block once for all of them. The scores are then a (G, block)
+matrix product instead of G vector products, and K/V traffic drops by G.
+
+The grid is (query position, batch x index head) with the head on the slow
+axis, so the programs in flight together read one head's K/V prefix, which
+stays in L2 for long sequences.
+
+Contract (same as ``sparse_attn.nsa.selected_block_attention``):
+    q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv);
+    block_indices int64 (B, Hkv, Lq, S) shared by a group, or (B, H, Lq, S)
+    per query head; entries are block numbers in [0, ceil(Lk / block_size)),
+    -1 for an empty slot, distinct per row. One softmax over the union of the
+    selected blocks' keys (the last block may be partial); causal=True also
+    masks keys j > i; a row with no allowed key gives zeros.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import check_int, check_qkv, resolve_scale
+
+__all__ = ["selected_block_attention_triton", "triton_supports"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+try:  # Triton is optional: the PyTorch path runs everywhere.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where Triton is absent
+    triton = None
+
+
+def triton_supports(q: torch.Tensor, block_indices: torch.Tensor) -> bool:
+    """True when the Triton kernel can run these inputs (CUDA, fp16/bf16/fp32, int64 indices)."""
+    return (
+        triton is not None
+        and q.is_cuda
+        and q.dtype in _DTYPES
+        and block_indices.dtype == torch.int64
+        and block_indices.device == q.device
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _selected_block_fwd(
+        Q, K, V, IDX, O,
+        stride_qb, stride_qh, stride_qi, stride_qd,
+        stride_kb, stride_kh, stride_kj, stride_kd,
+        stride_vb, stride_vh, stride_vj, stride_vd,
+        stride_ib, stride_ih, stride_ii, stride_is,
+        stride_ob, stride_oh, stride_oi, stride_od,
+        n_idx_heads, Lk, S, block_size, qk_scale,
+        G: tl.constexpr,              # query heads that share one index row
+        IDX_PER_KV: tl.constexpr,     # index heads per KV head (1 when shared by the group)
+        HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, BRANCH: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        i = tl.program_id(0)
+        pid = tl.program_id(1)
+        b = pid // n_idx_heads
+        hi = pid % n_idx_heads
+        hk = hi // IDX_PER_KV
+
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        offs_n = tl.arange(0, BLOCK_N)
+        heads = hi * G + offs_g
+        g_ok = offs_g < G
+        d_ok = offs_d < HEAD_DIM
+        dv_ok = offs_dv < V_DIM
+
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + i * stride_qi + offs_d[None, :] * stride_qd,
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+        idx_row = IDX + b * stride_ib + hi * stride_ih + i * stride_ii
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+        for s in range(S):
+            blk = tl.load(idx_row + s * stride_is)
+            start = blk * block_size
+            run = blk >= 0
+            if CAUSAL:
+                run = run & (start <= i)  # a block wholly in the future adds nothing
+            cols = start + offs_n
+            # cols >= 0 is False for every key of an empty slot (-1), so the
+            # mask alone already drops it; the branch below only saves the work.
+            ok = (offs_n < block_size) & (cols >= 0) & (cols < Lk)
+            if CAUSAL:
+                ok = ok & (cols <= i)
+            if not BRANCH:
+                # Masked loads fetch nothing, and a branch-free body is easier
+                # for Triton to software-pipeline.
+                run = True
+            if run:
+                kt = tl.load(k_base + cols[None, :] * stride_kj + offs_d[:, None] * stride_kd,
+                             mask=ok[None, :] & d_ok[:, None], other=0.0)
+                scores = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+                scores = tl.where(ok[None, :], scores, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, 1))
+                # A row that has seen no allowed key keeps m = -inf; shift by 0
+                # there so exp2 gives 0 rather than NaN (-inf - -inf).
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(scores - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vt = tl.load(v_base + cols[:, None] * stride_vj + offs_dv[None, :] * stride_vd,
+                             mask=ok[:, None] & dv_ok[None, :], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+                m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no allowed key: acc is 0, so is the row
+        tl.store(O + b * stride_ob + heads[:, None] * stride_oh + i * stride_oi + offs_dv[None, :] * stride_od,
+                 out.to(O.dtype.element_ty), mask=g_ok[:, None] & dv_ok[None, :])
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    # tl.arange needs powers of two, and tl.dot needs every dimension >= 16.
+    return max(floor, 1 << max(n - 1, 0).bit_length())
+
+
+def selected_block_attention_triton(q, k, v, block_indices, block_size, *, causal=False, scale=None,
+                                    num_warps: int = 4, num_stages: int = 2, branch: bool = True):
+    """The selected-block branch on the GPU; same contract and result as the PyTorch reference.
+
+    Args:
+        q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): CUDA tensors of one
+            dtype, float16 / bfloat16 / float32 (float32 dots run in full IEEE precision).
+        block_indices: int64 (B, Hkv, Lq, S) shared by each KV group (the fast
+            path: a block is loaded once for the G = H / Hkv heads), or
+            (B, H, Lq, S) per query head. -1 marks an empty slot.
+        block_size: keys per block (>= 1); any size works, powers of two >= 16 waste nothing.
+        causal: SDPA's is_causal (query i sees keys 0..i).
+        scale: default 1/sqrt(D).
+        num_warps, num_stages, branch: launch tuning (``branch`` skips empty and
+            future blocks with a branch instead of a mask); results do not depend on them.
+
+    Returns:
+        (B, H, Lq, Dv) in q's dtype. Rows with no allowed key are zeros.
+    """
+    if triton is None:
+        raise RuntimeError("selected_block_attention_triton needs Triton, which is not installed")
+    B, H, Hkv, Lq, Lk, D, Dv = check_qkv(q, k, v)
+    check_int(block_size, "block_size", minimum=1)
+    scale = resolve_scale(scale, D)
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q, k, v must be float16, bfloat16 or float32 for the Triton kernel, got {q.dtype}")
+    if not isinstance(block_indices, torch.Tensor) or block_indices.dtype != torch.int64:
+        raise TypeError("block_indices must be an int64 tensor")
+    if block_indices.dim() != 4 or tuple(block_indices.shape[:1]) + tuple(block_indices.shape[2:3]) != (B, Lq) \
+            or block_indices.shape[1] not in (Hkv, H):
+        raise ValueError(f"block_indices must be (B, Hkv, Lq, S) = ({B}, {Hkv}, {Lq}, S) or (B, H, Lq, S) = "
+                         f"({B}, {H}, {Lq}, S), got {tuple(block_indices.shape)}")
+    if block_indices.device != q.device:
+        raise ValueError(f"block_indices must be on q's device {q.device}, got {block_indices.device}")
+    n_idx = block_indices.shape[1]
+    S = block_indices.shape[3]
+    out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    G = H // n_idx
+    grid = (Lq, B * n_idx)
+    _selected_block_fwd[grid](
+        q, k, v, block_indices, out,
+        *q.stride(), *k.stride(), *v.stride(), *block_indices.stride(), *out.stride(),
+        n_idx, Lk, S, block_size, scale * _LOG2E,
+        G=G, IDX_PER_KV=n_idx // Hkv, HEAD_DIM=D, V_DIM=Dv,
+        BLOCK_G=_pow2(G), BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_N=_pow2(block_size),
+        CAUSAL=bool(causal), BRANCH=bool(branch),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out

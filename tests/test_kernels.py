@@ -1,0 +1,208 @@
+"""The GPU kernels, checked on the CPU: Triton's interpreter runs the selected-block
+kernel with numpy, and the segment-prefilter top-k is plain PyTorch.
+
+Triton decides at import time whether it interprets, so the kernel tests run
+in a child pytest process started with TRITON_INTERPRET=1 (the one test
+``test_kernels_under_triton_interpreter`` below): this process, and every
+other test in the suite, keeps the ordinary Triton.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparse_attn import nsa
+from sparse_attn.attention import dense_attention, topk_attention
+from sparse_attn.kernels.topk_prefilter import prefilter_topk_attention
+
+triton = pytest.importorskip("triton")
+import sparse_attn.kernels.selected_block as sb_module  # noqa: E402 (after the Triton check)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(scope="module")
+def sb():
+    return sb_module
+
+
+if not INTERPRETED:
+
+    def test_kernels_under_triton_interpreter():
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k", "kernel_"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        passed = re.search(r"(\d+) passed", proc.stdout)
+        assert passed and int(passed.group(1)) >= 10, proc.stdout[-2000:]  # every kernel test ran
+
+
+def reference(q, k, v, idx, block_size, causal, scale=None):
+    """float64 dense attention restricted to the selected blocks' keys (O(Lq * Lk): small inputs only)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    nb = math.ceil(Lk / block_size)
+    hit = torch.zeros(*idx.shape[:3], nb + 1, dtype=torch.bool)
+    hit.scatter_(-1, torch.where(idx < 0, nb, idx), True)  # -1 lands in a spare column
+    keys = hit[..., :nb].repeat_interleave(block_size, -1)[..., :Lk].repeat_interleave(H // idx.shape[1], 1)
+    if causal:
+        keys &= torch.arange(Lk) <= torch.arange(Lq)[:, None]
+    G = H // k.shape[1]
+    s = q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2) * scale
+    w = torch.softmax(s.masked_fill(~keys, float("-inf")), -1).nan_to_num(0.0)
+    return w @ v.double().repeat_interleave(G, 1)
+
+
+def random_indices(B, Hs, Lq, S, n_blocks, empty=0.2):
+    """Distinct block numbers per row, some slots -1."""
+    idx = torch.rand(B, Hs, Lq, n_blocks).argsort(-1)[..., :S]
+    return idx.masked_fill(torch.rand(idx.shape) < empty, -1)
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+if INTERPRETED:
+    CASES = [
+        # B, H, Hkv, Lq, Lk, D, Dv, block, S, causal, per_head
+        (1, 4, 2, 40, 40, 16, 16, 16, 2, True, False),     # group of 2 shares a selection
+        (2, 3, 1, 21, 37, 16, 32, 8, 3, False, False),     # G=3 (padded), Dv != D, partial last block
+        (1, 2, 2, 33, 33, 24, 8, 12, 2, True, False),      # block and D not powers of two
+        (1, 4, 2, 30, 30, 16, 16, 16, 2, True, True),      # one selection per query head
+        (1, 2, 1, 9, 70, 16, 16, 32, 3, True, False),      # Lq < Lk, causal top-left
+    ]
+
+
+    @pytest.mark.parametrize("case", CASES)
+    def test_kernel_matches_float64_and_torch_reference(sb, case):
+        B, H, Hkv, Lq, Lk, D, Dv, bs, S, causal, per_head = case
+        q, k = torch.randn(B, H, Lq, D), torch.randn(B, Hkv, Lk, D)
+        v = torch.randn(B, Hkv, Lk, Dv)
+        nb = math.ceil(Lk / bs)
+        idx = random_indices(B, H if per_head else Hkv, Lq, min(S, nb), nb)
+        ref = reference(q, k, v, idx, bs, causal)
+        out = sb.selected_block_attention_triton(q, k, v, idx, bs, causal=causal)
+        assert out.shape == (B, H, Lq, Dv) and out.dtype == torch.float32
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < 1e-4
+        torch_path = nsa._selected_reference(q, k, v, idx, bs, causal=causal, scale=1 / math.sqrt(D))
+        assert rel_err(out, torch_path.double()) < 1e-4
+
+
+    def test_kernel_float16_and_scale(sb):
+        # Half precision through the interpreter. (bfloat16 is checked on the GPU run in
+        # docs/benchmarks.md: Triton 3.9's interpreter gets bfloat16 arithmetic wrong.)
+        q, k, v = (torch.randn(1, h, 48, 32).half() for h in (4, 1, 1))
+        idx = random_indices(1, 1, 48, 2, 3)
+        ref = reference(q, k, v, idx, 16, True, scale=0.3)
+        out = sb.selected_block_attention_triton(q, k, v, idx, 16, causal=True, scale=0.3)
+        assert out.dtype == torch.float16
+        assert rel_err(out, ref) < 1e-2
+
+    @pytest.mark.parametrize("branch", [True, False])
+    def test_kernel_empty_rows_give_zeros(sb, branch):
+        # All slots empty, or only future blocks under causal: no allowed key, so zeros (not NaN).
+        q, k, v = torch.randn(1, 2, 32, 16), torch.randn(1, 1, 32, 16), torch.randn(1, 1, 32, 16)
+        idx = torch.full((1, 1, 32, 2), -1, dtype=torch.long)
+        idx[0, 0, :16, 0] = 1  # block 1 starts at key 16: in the future of queries 0..15
+        idx[0, 0, 16:, 0] = 0
+        out = sb.selected_block_attention_triton(q, k, v, idx, 16, causal=True, branch=branch)
+        assert torch.equal(out[:, :, :16], torch.zeros(1, 2, 16, 16))
+        assert rel_err(out, reference(q, k, v, idx, 16, True)) < 1e-4
+
+
+    def test_kernel_all_blocks_is_dense_attention(sb):
+        q, k, v = torch.randn(1, 4, 24, 16), torch.randn(1, 2, 24, 16), torch.randn(1, 2, 24, 16)
+        idx = torch.arange(3).expand(1, 2, 24, 3).flip(-1).contiguous()  # every block, in any order
+        out = sb.selected_block_attention_triton(q, k, v, idx, 8, causal=True)
+        assert rel_err(out, dense_attention(q.double(), k.double(), v.double(), causal=True)) < 1e-4
+
+
+    def test_kernel_rejects_bad_input(sb):
+        q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+        idx = torch.zeros(1, 2, 8, 1, dtype=torch.long)
+        with pytest.raises(TypeError, match="block_indices must be an int64"):
+            sb.selected_block_attention_triton(q, k, v, idx.int(), 8)
+        with pytest.raises(ValueError, match=r"block_indices must be \(B, Hkv, Lq, S\)"):
+            sb.selected_block_attention_triton(q, k, v, idx[:, :, :4], 8)
+        with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+            sb.selected_block_attention_triton(q.double(), k.double(), v.double(), idx, 8)
+        with pytest.raises(ValueError, match="block_size must be >= 1"):
+            sb.selected_block_attention_triton(q, k, v, idx, 0)
+
+
+def test_dispatch_stays_on_torch_for_cpu(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the Triton kernel must not run for CPU tensors")
+
+    monkeypatch.setattr(sb_module, "selected_block_attention_triton", boom)
+    q, k, v = torch.randn(1, 4, 20, 16), torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
+    idx = random_indices(1, 2, 20, 2, 3)
+    assert not sb_module.triton_supports(q, idx)
+    out = nsa.selected_block_attention(q, k, v, idx, 8, causal=True)
+    assert rel_err(out, reference(q, k, v, idx, 8, True)) < 1e-4
+
+
+# --------------------------------------------------------------------------- segment-prefilter top-k
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    hkv=st.integers(1, 2), g=st.integers(1, 3), lq=st.integers(1, 40), lk=st.integers(1, 60),
+    top_k=st.integers(1, 70), segment=st.integers(1, 9), qc=st.integers(1, 50), causal=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_prefilter_topk_matches_full_topk(hkv, g, lq, lk, top_k, segment, qc, causal, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, hkv * g, lq, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, hkv, lk, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, hkv, lk, 4, generator=gen, dtype=torch.float64)
+    out, sel = prefilter_topk_attention(q, k, v, top_k, causal=causal, segment=segment, query_chunk_size=qc,
+                                        return_selection=True)
+    ref, ref_sel = topk_attention(q, k, v, top_k, causal=causal, return_selection=True)
+    # Random float64 scores have no ties, so the chosen key sets are identical.
+    assert torch.equal(sel.indices.sort(-1).values, ref_sel.indices.sort(-1).values)
+    assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_prefilter_topk_all_keys_is_dense_and_adversarial_rows():
+    q, k, v = torch.randn(2, 4, 33, 16), torch.randn(2, 2, 33, 16), torch.randn(2, 2, 33, 16)
+    out = prefilter_topk_attention(q.double(), k.double(), v.double(), 40, causal=True, segment=4, query_chunk_size=8)
+    assert torch.allclose(out, dense_attention(q.double(), k.double(), v.double(), causal=True), atol=1e-12)
+    # One key far above the rest, in the last (partial) segment: it must win every row.
+    q = q.abs() + 1
+    k[:, :, 32] = 100.0
+    _, sel = prefilter_topk_attention(q, k, v, 1, segment=5, return_selection=True)
+    assert (sel.indices == 32).all()
+    assert torch.equal(sel.weights, torch.ones_like(sel.weights))
+
+
+def test_prefilter_topk_bfloat16_matches_bfloat16_topk():
+    q, k, v = (torch.randn(1, h, 64, 32).bfloat16() for h in (4, 2, 2))
+    out, sel = prefilter_topk_attention(q, k, v, 8, causal=True, segment=8, return_selection=True)
+    ref, ref_sel = topk_attention(q, k, v, 8, causal=True, return_selection=True)
+    assert out.dtype == torch.bfloat16
+    # Same bf16 scores, so the same keys (ties aside); the softmax here runs in float32.
+    same = (sel.indices.sort(-1).values == ref_sel.indices.sort(-1).values).all(-1)
+    assert same.float().mean() > 0.97
+    assert rel_err(out[same], ref[same].double()) < 1e-2
+
+
+def test_prefilter_topk_rejects_bad_input():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="segment must be >= 1"):
+        prefilter_topk_attention(q, q, q, 2, segment=0)
+    with pytest.raises(TypeError, match="top_k must be an int"):
+        prefilter_topk_attention(q, q, q, 2.0)
