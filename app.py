@@ -8,14 +8,13 @@ st.set_page_config(page_title="sparse-attn", page_icon="🔍", layout="wide")
 state.init_state()
 settings = sidebar.render()
 lang = state.lang()
-state.write_query_params(state.specs())
 
 st.title(t("app.title", lang))
 st.caption(t("app.subtitle", lang))
 tab_maps, tab_budget, tab_speed, tab_explain = st.tabs(
-    [t("tab.maps", lang), t("tab.budget", lang), t("tab.speed", lang), t("tab.explain", lang)],
-    key="tab", on_change="rerun",
+    state.tab_labels(lang), key="tab", on_change="rerun", default=state.open_tab_label(lang)
 )
+state.write_query_params(state.specs())
 if tab_maps.open:
     with tab_maps:
         maps.render(settings, lang)

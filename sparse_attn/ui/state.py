@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import streamlit as st
 
-from sparse_attn.i18n import LANGS
+from sparse_attn.i18n import LANGS, t
 from sparse_attn.methods import choices
 
 from .inputs import DEFAULT_TEXT, MAX_TEXT_CHARS
@@ -105,6 +105,7 @@ def specs() -> dict[str, Spec]:
         "head": Spec(0, _int_in(0, HEADS_MAX - 1)),
         "log": Spec(False, _bool),
         "pool": Spec("max", _one_of(("max", "mean"))),
+        "view": Spec("maps", _one_of(TABS)),
     }
 
 
@@ -144,6 +145,31 @@ def write_query_params(keys) -> None:
             want[key] = str(value).lower() if isinstance(value, bool) else str(value)
     if dict(st.query_params) != want:
         st.query_params.from_dict(want)
+
+
+TABS = ("maps", "budget", "speed", "explain")
+
+
+def tab_labels(lang: str) -> list[str]:
+    return [t(f"tab.{tab}", lang) for tab in TABS]
+
+
+def open_tab_label(lang: str) -> str:
+    """The label of the open tab in ``lang``: the tab widget stores a label, so map it across languages.
+
+    Also records the open tab as ``view`` (a language-free id) for the URL.
+    """
+    ss = st.session_state
+    current = ss.get("tab")
+    for code in LANGS:
+        labels = tab_labels(code)
+        if current in labels:
+            ss["view"] = TABS[labels.index(current)]
+            break
+    label = tab_labels(lang)[TABS.index(ss["view"])]
+    if current is not None and current != label:
+        ss["tab"] = label
+    return label
 
 
 def lang() -> str:
