@@ -259,7 +259,8 @@ def _sampling_cost(hybrid: bool):
         rows = s.B * s.H
         flops = rows * (scored * 2 * s.D + attended * (2 * s.Dv + 5))
         # The reference forms the proposal densely, (Lq, Lk) per head.
-        memory = rows * s.Lq * (s.Lk * (itemsize + 8) + (kk + cfg.num_samples) * (s.D + s.Dv + 3) * itemsize)
+        # A budget of Lk or more runs dense attention, so the draws never outnumber the keys.
+        memory = rows * s.Lq * (s.Lk * (itemsize + 8) + min(kk + cfg.num_samples, s.Lk) * (s.D + s.Dv + 3) * itemsize)
         return Cost(float(flops), float(memory), scored / max(s.Lq, 1), attended / max(s.Lq, 1))
 
     return cost

@@ -1,0 +1,146 @@
+"""viz: pooling that keeps what matters, one colour scale, labels in the reader's language."""
+import base64
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sparse_attn import viz
+from sparse_attn.i18n import t
+
+
+def z_of(trace) -> np.ndarray:
+    """A heatmap's z, whether plotly kept it as a list or a typed array."""
+    z = trace.z
+    if isinstance(z, dict):  # plotly 6+ JSON: {"dtype", "bdata", "shape"}
+        return np.frombuffer(base64.b64decode(z["bdata"]), z["dtype"]).reshape([int(n) for n in z["shape"].split(",")])
+    return np.asarray(z)
+
+
+@given(Lq=st.integers(1, 40), Lk=st.integers(1, 40), cells=st.integers(1, 12), seed=st.integers(0, 999))
+@settings(max_examples=60, deadline=None)
+def test_pooling_matches_brute_force(Lq, Lk, cells, seed):
+    x = torch.randn(Lq, Lk, generator=torch.Generator().manual_seed(seed))
+    for mode in ("max", "mean"):
+        p = viz.pool_map(x, cells, mode)
+        assert p.values.shape[0] <= cells and p.values.shape[1] <= cells
+        for i in range(p.values.shape[0]):
+            for j in range(p.values.shape[1]):
+                block = x[i * p.step_q : (i + 1) * p.step_q, j * p.step_k : (j + 1) * p.step_k]
+                want = block.max() if mode == "max" else block.mean()
+                assert p.values[i, j] == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+
+
+def test_signed_max_pooling_keeps_the_largest_magnitude_with_its_sign():
+    x = torch.zeros(4, 4)
+    x[0, 0], x[1, 1] = 0.2, -0.9
+    p = viz.pool_map(x, 2, "max", signed=True)
+    assert p.values[0, 0] == pytest.approx(-0.9)
+
+
+def test_a_single_selected_key_survives_max_pooling():
+    mask = torch.zeros(4096, 4096)
+    mask[1234, 3210] = 1.0
+    p = viz.pool_map(mask, 512, "max")
+    assert p.values.shape == (512, 512) and p.values.sum() == 1.0 and p.values[1234 // 8, 3210 // 8] == 1.0
+
+
+def test_small_maps_pass_through_unpooled():
+    x = torch.rand(30, 20)
+    p = viz.pool_map(x, 512)
+    assert p.mode == "none" and np.array_equal(p.values, x.numpy())
+
+
+def _maps(L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.softmax(torch.randn(L, L, generator=g), -1)
+    keep = dense >= dense.topk(3, -1).values[:, -1:]
+    sparse = torch.where(keep, dense, 0.0)
+    sparse = sparse / sparse.sum(-1, keepdim=True)
+    return dense, sparse, keep
+
+
+def test_attention_maps_share_one_colour_scale_and_show_the_difference():
+    dense, sparse, mask = _maps(24)
+    fig = viz.attention_maps(dense, sparse, mask)
+    d, s, m, diff = fig.data
+    assert d.coloraxis == s.coloraxis == "coloraxis" and diff.coloraxis != d.coloraxis
+    assert fig.layout.coloraxis.cmax == pytest.approx(max(dense.max(), sparse.max()).item())
+    np.testing.assert_allclose(z_of(diff), (sparse - dense).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(z_of(m), mask.float().numpy())
+    assert "pooled" not in fig.layout.title.text
+
+
+def test_large_maps_are_pooled_and_say_so():
+    dense, sparse, mask = _maps(1100)
+    fig = viz.attention_maps(dense, sparse, mask, pool="mean")
+    assert all(z_of(tr).shape[0] <= viz.MAX_CELLS and z_of(tr).shape[1] <= viz.MAX_CELLS for tr in fig.data)
+    assert "mean-pooled 3×3" in fig.layout.title.text
+    zh = viz.attention_maps(dense, sparse, mask, pool="max", lang="zh")
+    assert t("viz.pool_max", "zh") in zh.layout.title.text
+    # Pooled cells sit at their original token positions.
+    assert fig.data[0].dx == 3 and fig.data[0].x0 == 1
+
+
+def test_log_scale_shows_log10_weights():
+    dense, sparse, mask = _maps(16)
+    fig = viz.attention_maps(dense, sparse, mask, log=True)
+    np.testing.assert_allclose(z_of(fig.data[0]), np.log10(np.maximum(dense.numpy(), viz.LOG_FLOOR)), rtol=1e-5)
+
+
+def test_tokens_label_the_axes_only_when_few():
+    dense, sparse, mask = _maps(10)
+    tokens = [f"w{i}" for i in range(10)]
+    fig = viz.attention_maps(dense, sparse, mask, tokens=tokens)
+    assert list(fig.layout.xaxis.ticktext) == tokens and list(fig.layout.yaxis.ticktext) == tokens
+    dense, sparse, mask = _maps(60)
+    fig = viz.attention_maps(dense, sparse, mask, tokens=[str(i) for i in range(60)])
+    assert fig.layout.xaxis.ticktext is None
+
+
+def test_axis_titles_follow_the_language():
+    dense, sparse, mask = _maps(8)
+    for lang in ("en", "zh"):
+        fig = viz.heatmap(dense, lang=lang)
+        assert fig.layout.xaxis.title.text == t("viz.key_axis", lang)
+        assert fig.layout.yaxis.title.text == t("viz.query_axis", lang)
+
+
+def test_head_grid_one_panel_per_head():
+    w = torch.rand(6, 50, 50)
+    fig = viz.head_grid(w, max_cells=16)
+    assert len(fig.data) == 6 and all(z_of(tr).shape == (13, 13) or z_of(tr).shape[0] <= 16 for tr in fig.data)
+    assert {tr.coloraxis for tr in fig.data} == {"coloraxis"}
+
+
+def test_chunked_topk_figure_highlights_the_true_topk():
+    x = torch.tensor([5.0, 1, 9, 3, 7, 2, 8, 6, 4, 0])
+    fig = viz.chunked_topk_figure(x, 3, 4)
+    final = fig.data[-1]
+    blue = [i for i, c in zip(final.x, final.marker.color) if c == "#1f77b4"]
+    assert sorted(blue) == sorted(torch.topk(x, 3).indices.tolist())
+    assert len(fig.data) == 3 + 1  # three chunks and the merge
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="2-d"):
+        viz.heatmap(torch.rand(2, 3, 4))
+    with pytest.raises(ValueError, match="mode"):
+        viz.pool_map(torch.rand(3, 3), 2, "median")
+    with pytest.raises(ValueError, match="k must be"):
+        viz.chunked_topk_figure(torch.rand(5), 6, 2)
+    with pytest.raises(ValueError, match="diff"):
+        viz.attention_maps(viz.pool_map(torch.rand(3, 3)), torch.rand(3, 3), torch.rand(3, 3) > 0.5)
+
+
+def test_curves_are_log_log():
+    import pandas as pd
+
+    df = pd.DataFrame({"method": ["a", "a", "b", "b"], "seq_len": [256, 512, 256, 512],
+                       "median_ms": [1.0, 4.0, 2.0, 3.0], "iqr_ms": [0.1] * 4})
+    fig = viz.scaling_plot(df, names={"a": "A"}, lang="zh")
+    assert fig.layout.xaxis.type == fig.layout.yaxis.type == "log" and fig.data[0].name == "A"
+    assert fig.layout.xaxis.title.text == t("viz.seq_len_axis", "zh")
+    b = viz.budget_curve(df.rename(columns={"seq_len": "budget", "median_ms": "relative_error"}))
+    assert len(b.data) == 2 and b.layout.xaxis.type == "log"
