@@ -13,8 +13,9 @@ flat           near-uniform rows with a flat tail: random at temperature 4
                (logit std 0.25), so every key keeps a share of the mass.
 peaked         one key per query holds almost all the mass (retrieval with one
                match): the easy case for top-k, the hard one for sampling.
-local          logits strength * exp(-(i-j)^2 / (2 window^2)): mass in a band
-               around the diagonal (random Fourier features, as RoPE heads do).
+local          a band around the diagonal: weights fall with distance like a
+               Gaussian of std ``window`` tokens; far keys sit ``strength``
+               logits below the diagonal (random Fourier features, RoPE-like).
 sink_local     local, plus the first ``num_sinks`` keys that every query
                attends to strongly (the "attention sink" of real models).
 retrieval      each query matches ``num_matches`` random keys strongly; every
@@ -95,35 +96,48 @@ def flat(g, B, H, Hkv, L, D, *, temperature: float = 4.0):
     return random(g, B, H, Hkv, L, D, temperature=temperature)
 
 
-def local(g, B, H, Hkv, L, D, *, window: float = 4.0, strength: float = 8.0):
-    """Logit(i, j) ~= strength * exp(-(i-j)^2 / (2 window^2)): a band around the diagonal."""
+def local(g, B, H, Hkv, L, D, *, window: float = 4.0, strength: float = 12.0):
+    """Weights ~ exp(-(i-j)^2 / (2 window^2)) near the diagonal; far keys ``strength`` logits down.
+
+    Logits are strength * exp(-(i-j)^2 / (2 l^2)) with l = window * sqrt(strength):
+    near the diagonal that is strength - (i-j)^2 / (2 window^2), a Gaussian
+    of std ``window`` tokens after the softmax, whatever the strength.
+    """
     window, strength = _positive("window", window), _positive("strength", strength)
     if D < 2:
         raise _bad("head_dim", D, "at least 2 for the local pattern")
-    c = math.sqrt(strength * math.sqrt(D))  # q . k / sqrt(D) = strength * kernel
-    k = _fill(c * _rff(g, B, Hkv, L, D, window), D)
+    k = _local_keys(g, B, Hkv, L, D, D, window, strength)
     return _to_query_heads(k, H).clone(), k
 
 
-def sink_local(g, B, H, Hkv, L, D, *, num_sinks: int = 4, sink_strength: float = 10.0, window: float = 4.0, strength: float = 8.0):
+def _local_keys(g, B, Hkv, L, D, dims, window, strength):
+    """(B, Hkv, L, D) keys (= queries) with q . k / sqrt(D) = the local logits, using ``dims`` features."""
+    c = math.sqrt(strength * math.sqrt(D))
+    return _fill(c * _rff(g, B, Hkv, L, dims, window * math.sqrt(strength)), D)
+
+
+def sink_local(g, B, H, Hkv, L, D, *, num_sinks: int = 4, sink_strength: float = 14.0, window: float = 4.0, strength: float = 12.0):
     """Local, plus keys 0..num_sinks-1 that every query sees with logit + sink_strength.
 
     One feature dim is set aside as the "sink direction": every query has it,
-    only the sink keys do, so their logit rises by sink_strength for all queries.
-    With the defaults the sinks hold most of each row's mass.
+    only the sink keys do (and nothing else), so every query gives each sink
+    the logit sink_strength, against ``strength`` for its own position.
+    With the defaults the sinks hold about three quarters of each row's mass
+    and the local band most of the rest.
     """
     num_sinks = _count("num_sinks", num_sinks, minimum=0)
     sink_strength, window, strength = (_positive(n, x) for n, x in (("sink_strength", sink_strength), ("window", window), ("strength", strength)))
     if D < 3:
         raise _bad("head_dim", D, "at least 3 for the sink_local pattern")
-    c = math.sqrt(strength * math.sqrt(D))
-    k = _fill(c * _rff(g, B, Hkv, L, D - 1, window), D - 1)
-    q = _to_query_heads(k, H)
+    k = _local_keys(g, B, Hkv, L, D, D - 1, window, strength)
     a = math.sqrt(sink_strength * math.sqrt(D))
-    k_sink = torch.zeros(B, Hkv, L, 1)
-    k_sink[:, :, :num_sinks] = a
-    q = torch.cat([q, torch.full((B, H, L, 1), a)], dim=-1)
-    return q, torch.cat([k, k_sink], dim=-1)
+    # Sink keys carry only the sink direction, so every query sees them at
+    # exactly sink_strength and the local features add no noise to it.
+    k[:, :, :num_sinks] = 0.0
+    k[:, :, :num_sinks, -1] = a
+    q = _to_query_heads(k, H).clone()
+    q[..., -1] = a
+    return q, k
 
 
 def retrieval(g, B, H, Hkv, L, D, *, num_matches: int = 3, strength: float = 16.0, causal: bool = False):
