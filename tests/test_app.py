@@ -1,0 +1,193 @@
+"""The Streamlit app under AppTest: defaults, every source x method, k, language, URL, bad input."""
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from sparse_attn.i18n import t
+from sparse_attn.methods import choices
+from sparse_attn.ui import inputs
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def run_app(**query) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    for key, value in query.items():
+        at.query_params[key] = str(value)
+    return at.run()
+
+
+def ok(at: AppTest) -> None:
+    assert not at.exception, [e.message for e in at.exception]
+
+
+def spec(at: AppTest, i: int = 0) -> dict:
+    return json.loads(at.get("plotly_chart")[i].proto.spec)
+
+
+def z(trace: dict) -> np.ndarray:
+    zz = trace["z"]
+    if isinstance(zz, dict):
+        return np.frombuffer(base64.b64decode(zz["bdata"]), zz["dtype"]).reshape([int(n) for n in zz["shape"].split(",")])
+    return np.asarray(zz, dtype=float)
+
+
+def chart_texts(fig: dict) -> list[str]:
+    lay = fig["layout"]
+    out = [lay["title"]["text"]]
+    for name, axis in lay.items():
+        if re.fullmatch(r"[xy]axis\d*", name) and "title" in axis and axis["title"].get("text"):
+            out.append(axis["title"]["text"])
+    out += [a["text"] for a in lay.get("annotations", [])]
+    return out
+
+
+def visible_labels(at: AppTest) -> list[str]:
+    """Every label a reader sees: widgets, tabs, title, headers, metric labels, chart titles and axes."""
+    labels = [at.title[0].value, *[h.value for h in at.header], *[h.value for h in at.subheader]]
+    labels += [tab.label for tab in at.tabs]
+    for kind in ("radio", "selectbox", "slider", "select_slider", "toggle", "number_input", "text_area", "button",
+                 "multiselect"):
+        labels += [w.label for w in at.get(kind)]
+    labels += [m.label for m in at.metric]
+    for i in range(len(at.get("plotly_chart"))):
+        labels += chart_texts(spec(at, i))
+    return labels
+
+
+def test_defaults_run_and_show_maps_and_metrics():
+    at = run_app()
+    ok(at)
+    assert not at.error
+    fig = spec(at)
+    assert len(fig["data"]) == 4  # dense, sparse, mask, difference
+    dense, sparse = z(fig["data"][0]), z(fig["data"][1])
+    assert dense.shape == sparse.shape == (256, 256)
+    np.testing.assert_allclose(dense.sum(1), 1, atol=1e-4)
+    assert ((sparse > 0).sum(1) <= 32).all()  # k = 32 keys per query at most
+    labels = [m.label for m in at.metric]
+    for key in ("mass_kept", "relative_error", "sparsity", "keys_scored", "keys_attended", "flops", "memory"):
+        assert t(f"metric.{key}", "en") in labels
+    assert at.query_params["lang"] == "en"
+
+
+@pytest.mark.parametrize("source", inputs.KINDS)
+def test_every_source_and_method_runs(source):
+    at = run_app(source=source)
+    for method in choices("method"):
+        at.sidebar.selectbox(key="method").set_value(method).run()
+        ok(at)
+        if source == "file":  # nothing uploaded yet: a message in place of the picture, the page still works
+            assert [e.value for e in at.error] == [t("err.no_upload", "en")]
+            assert len(at.tabs) == 4
+        else:
+            assert not at.error, [e.value for e in at.error]
+            assert len(at.get("plotly_chart")) == 2 and len(at.metric) == 7
+
+
+def test_changing_k_changes_the_sparse_map_and_the_metrics():
+    at = run_app()
+    before_map, before_metrics = z(spec(at)["data"][1]), [m.value for m in at.metric]
+    at.sidebar.slider(key="k").set_value(4).run()
+    ok(at)
+    after_map, after_metrics = z(spec(at)["data"][1]), [m.value for m in at.metric]
+    assert not np.array_equal(before_map, after_map)
+    assert ((after_map > 0).sum(1) <= 4).all()
+    assert before_metrics[0] != after_metrics[0] and before_metrics[4] != after_metrics[4]  # mass kept, keys attended
+    assert at.query_params["k"] == "4"
+
+
+@pytest.mark.parametrize("query", [{}, {"method": "nsa"}, {"view": "explain"}])
+def test_language_switch_changes_every_visible_label(query):
+    at = run_app(**query)
+    en = visible_labels(at)
+    at.sidebar.radio(key="lang").set_value("zh").run()
+    ok(at)
+    zh = visible_labels(at)
+    assert len(en) == len(zh) and len(en) > 20
+    unchanged = [(a, b) for a, b in zip(en, zh) if a == b and a != "k"]
+    assert not unchanged
+    assert all(CJK.search(b) for a, b in zip(en, zh) if a != "k"), [b for b in zh if not CJK.search(b)]
+    assert at.query_params["lang"] == "zh"
+
+
+def test_url_restores_settings_and_language():
+    at = run_app(lang="zh", L=128, k=8, method="hybrid", causal="true", head=2, log="true", view="maps")
+    ok(at)
+    ss = at.session_state
+    assert (ss["L"], ss["k"], ss["method"], ss["causal"], ss["head"], ss["log"]) == (128, 8, "hybrid", True, 2, True)
+    assert at.title[0].value == t("app.title", "zh")
+    assert z(spec(at)["data"][0]).shape == (128, 128)
+    # And the URL the page writes back opens the same view.
+    again = run_app(**dict(at.query_params))
+    ok(again)
+    assert z(spec(again)["data"][1]).tolist() == z(spec(at)["data"][1]).tolist()
+
+
+def test_bad_url_values_fall_back_to_defaults():
+    at = run_app(L=12345, k="lots", method="magic", lang="xx", head=-1)
+    ok(at)
+    assert (at.session_state["L"], at.session_state["k"], at.session_state["method"]) == (256, 32, "topk")
+    assert not at.error
+
+
+def test_k_zero_shows_a_translated_message_and_the_rest_works():
+    at = run_app(lang="zh")
+    at.sidebar.slider(key="k").set_value(0).run()
+    ok(at)
+    assert [e.value for e in at.error] == [t("err.k_too_small", "zh", value=0)]
+    assert not at.get("plotly_chart")
+    at.sidebar.slider(key="k").set_value(16).run()
+    ok(at)
+    assert not at.error and at.get("plotly_chart")
+
+
+def test_over_budget_settings_are_refused_naming_the_setting():
+    at = run_app(L=8192, H=16)
+    ok(at)
+    [err] = at.error
+    assert t("setting.seq_len", "en") in err.value and "MiB" in err.value
+    assert not at.get("plotly_chart") and len(at.tabs) == 4
+
+
+def test_other_tabs_run():
+    at = run_app(view="budget", L=64, H=2)
+    ok(at)
+    assert not at.error
+    fig = spec(at)
+    assert {tr["name"] for tr in fig["data"]} >= {t("method.topk", "en")}
+    assert fig["layout"]["xaxis"]["type"] == "log"
+    at = run_app(view="speed", L=64, H=2)
+    at.multiselect(key="sp_lengths").set_value([64, 128])
+    at.button(key="sp_run").click().run()
+    ok(at)
+    assert at.success and not at.error
+    fig = spec(at)
+    assert fig["layout"]["xaxis"]["type"] == "log" and fig["layout"]["yaxis"]["type"] == "log"
+    assert len(fig["data"]) == 3  # dense SDPA, full-score top-k, streaming top-k
+
+
+def test_uploaded_file_and_pickle_through_the_app_code():
+    from sparse_attn.ui import compute, errors, state
+
+    s = {key: spec.default for key, spec in state.specs().items()} | {"source": "file"}
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    np.savez(buf, q=rng.standard_normal((1, 2, 20, 8), dtype=np.float32),
+             k=rng.standard_normal((1, 2, 20, 8), dtype=np.float32), v=rng.standard_normal((1, 2, 20, 8), dtype=np.float32))
+    data = compute.view({k: s[k] for k in compute.COMPUTE_KEYS}, 5, "max", ("qkv.npz", buf.getvalue()))
+    assert data["shape"] == (2, 20, 20) and data["head"] == 1 and 0 < data["metrics"]["mass_kept"] <= 1
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError) as info:
+        compute.view({k: s[k] for k in compute.COMPUTE_KEYS}, 0, "max", ("evil.npy", pickled.getvalue()))
+    for lang in ("en", "zh"):
+        msg = errors.message(info.value, lang)
+        assert "evil.npy" in msg and msg != str(info.value)
