@@ -243,6 +243,21 @@ def test_model_is_loaded_once_and_layers_are_cheap(minilm):
     assert model_info() == {"name": "all-MiniLM-L6-v2", "num_layers": 6, "num_heads": 12, "head_dim": 32, "max_tokens": 512}
 
 
+def test_concurrent_extractions_do_not_mix(minilm):
+    # The app serves several sessions from one cached model; hooks must not cross.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sparse_attn.sources.model import _encode, _run
+
+    texts = ["One.", "Two words here.", "A somewhat longer third sentence, with commas.", "Four."] * 2
+    solo = [_run(minilm, _encode(minilm, t, 64)[0])[0] for t in texts]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda t: _run(minilm, _encode(minilm, t, 64)[0])[0], texts))
+    for a, b in zip(solo, together):
+        assert len(a) == len(b) == 6
+        assert all(torch.equal(x, y) for la, lb in zip(a, b) for x, y in zip(la, lb))
+
+
 def test_model_bad_input(minilm, tmp_path):
     expect("empty_text", load, Source.model("   \n"))
     expect("layer_out_of_range", load, Source.model(SENTENCE, layer=6))

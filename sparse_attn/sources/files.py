@@ -106,11 +106,11 @@ def _read_npy(label: str, data: bytes, max_bytes: int):
         arrays = dict(zip(names, arr))
         notes = []
         if "v" not in arrays:
-            arrays["v"] = arrays["k"]
+            arrays["v"] = arrays["k"].copy()
             notes.append(Note("v_from_k", "no v in the file: v = k (attention weights are unaffected)"))
         return arrays, None, notes
     if arr.ndim == 4:
-        return {"q": arr, "k": arr, "v": arr}, None, [Note("shared_qkv", "one 4-d array: used as q, k and v")]
+        return {"q": arr, "k": arr.copy(), "v": arr.copy()}, None, [Note("shared_qkv", "one 4-d array: used as q, k and v")]
     if arr.ndim == 5:
         raise SourceError("bad_shape", f"{label!r}: a 5-d .npy must stack 2 or 3 arrays (q, k[, v]) on axis 0, got {arr.shape}",
                           path=label, name="q", shape=tuple(arr.shape), reason="axis 0 of a 5-d array must be 2 or 3")
@@ -174,7 +174,7 @@ def _named(label: str, arrays: dict, found: list[str], tokens):
                               path=label, name=n, found=found)
     notes = []
     if "v" not in arrays:
-        arrays["v"] = arrays["k"]
+        arrays["v"] = arrays["k"].clone() if isinstance(arrays["k"], torch.Tensor) else arrays["k"].copy()
         notes.append(Note("v_from_k", "no v in the file: v = k (attention weights are unaffected)"))
     return arrays, tokens, notes
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,9 @@ _PROJECTIONS = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
 _POSITION_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "data2vec-text", "xlm-roberta-xl", "roberta-prelayernorm"}
 _SELF_CHECK_TEXT = "The quick brown fox jumps over the lazy dog."
 _SELF_CHECK_TOL = 1e-4
+# Hooks live on a shared model: two app sessions running it at once would
+# record into each other's lists, so forward passes take turns.
+_RUN_LOCK = threading.Lock()
 
 
 def default_model_dir() -> Path:
@@ -156,6 +160,14 @@ def _run(loaded: LoadedModel, enc: dict, output_attentions: bool = False):
     weights across depth (ALBERT) records one call per layer, in order.
     """
     calls: list[list[torch.Tensor]] = [[], [], []]
+    with _RUN_LOCK:
+        out = _hooked_forward(loaded, enc, calls, output_attentions)
+    split = lambda x: rearrange(x, "b l (h d) -> b h l d", h=loaded.num_heads).float().contiguous()  # noqa: E731
+    layers = [tuple(split(c[i]) for c in calls) for i in range(len(calls[0]))]
+    return layers, (out.attentions if output_attentions else None)
+
+
+def _hooked_forward(loaded: LoadedModel, enc: dict, calls: list, output_attentions: bool):
     hooks = [
         proj.register_forward_hook(lambda _m, _i, out, slot=slot: calls[slot].append(out.detach()))
         for triple in loaded.projections
@@ -166,9 +178,7 @@ def _run(loaded: LoadedModel, enc: dict, output_attentions: bool = False):
     finally:
         for h in hooks:
             h.remove()
-    split = lambda x: rearrange(x, "b l (h d) -> b h l d", h=loaded.num_heads).float().contiguous()  # noqa: E731
-    layers = [tuple(split(c[i]) for c in calls) for i in range(len(calls[0]))]
-    return layers, (out.attentions if output_attentions else None)
+    return out
 
 
 def _self_check(loaded: LoadedModel) -> float:
