@@ -146,6 +146,11 @@ def sampled_attention(
             idx = idx.masked_fill(~causal_mask(Lq, Lk, q.device), -1)
         return out, Selection(idx.contiguous(), weights.detach())
 
+    if Lq == 0:
+        out = q.new_zeros(B, H, 0, Dv)
+        empty = Selection(torch.zeros(B, H, 0, S, dtype=torch.long, device=q.device), q.new_zeros(B, H, 0, S))
+        return (out, empty) if return_selection else out
+
     G = H // Hkv
     qg = rearrange(q, "b (hk g) i d -> b hk g i d", hk=Hkv)
     allowed = causal_mask(Lq, Lk, q.device) if causal else torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
@@ -166,7 +171,7 @@ def sampled_attention(
     logits = scores.to(log_w.dtype) + flat(log_w)
     weights = _safe_softmax(logits).to(q.dtype)
     out = torch.einsum("bhrs,bhrsd->bhrd", weights, gather_kv(v, idx_safe))
-    out = rearrange(out, "b hk (g i) d -> b (hk g) i d", i=Lq)
+    out = rearrange(out, "b hk (g i) d -> b (hk g) i d", g=G)
     if not return_selection:
         return out
     to_heads = lambda t: rearrange(t, "b hk g i s -> b (hk g) i s")  # noqa: E731
