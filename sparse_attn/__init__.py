@@ -5,9 +5,14 @@ Importing this package never imports Streamlit (that lives in ``sparse_attn.ui``
 """
 from .attention import Selection, dense_attention, topk_attention
 from .modules import SparseAttentionWithImportanceSampling
+from .sources import QKV, Source, SourceError, load
 from .topk import StreamingTopK, TopK, chunked_topk, merge_topk
 
 __all__ = [
+    "QKV",
+    "Source",
+    "SourceError",
+    "load",
     "Selection",
     "SparseAttentionWithImportanceSampling",
     "StreamingTopK",
