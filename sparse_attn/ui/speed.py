@@ -21,7 +21,7 @@ from sparse_attn.methods import METHODS, BudgetError, check_budget, shape_of
 from . import compute, errors, export, state
 
 LENGTHS = tuple(L for L in state.SEQ_LENS if L >= 64)
-DEFAULT_LENGTHS = (256, 512, 1024)
+DEFAULT_LENGTHS = (128, 256, 512)
 WAIT_S = 120  # how long a run waits for another session's run on the same device
 
 
