@@ -4,7 +4,7 @@ from _cells import Claim, Code, Exercises, Md
 NUMBER = 6
 SLUG = "ch6_tuning"
 TITLE = {"en": "Tuning k and the chunk size on your device", "zh": "在你的设备上调节 k 和分块大小"}
-TERMS = ["top-k selection", "chunk", "mass kept", "sequence length", "attention", "memory"]
+TERMS = ["chunk", "mass kept", "attention", "memory", "query", "key"]
 
 CELLS = [
     Md(
@@ -85,15 +85,17 @@ CELLS = [
         """,
     ),
     Code("""
-        def median_ms(fn):
-            return time_fn(fn, device=device, min_run_time=0.05, min_runs=3).median * 1e3
+        def timed(fn):
+            \"\"\"Median and fastest run in ms. Other programs can only slow a run down, so the fastest
+            run is the steadiest number to compare; the median is what to expect.\"\"\"
+            t = time_fn(fn, device=device, min_run_time=0.05, min_runs=5)
+            return dict(median_ms=t.median * 1e3, best_ms=min(t.times) * 1e3)
 
 
         rows = []
         for chunk in (64, 128, None):
-            ms = median_ms(lambda: topk_attention(q, k, v, chosen_k, chunk_size=chunk))
-            rows.append(dict(method="topk", chunk=chunk or L, median_ms=ms))
-        sdpa_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+            rows.append(dict(method="topk", chunk=chunk or L, **timed(lambda: topk_attention(q, k, v, chosen_k, chunk_size=chunk))))
+        sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v))["median_ms"]
         timings = pd.DataFrame(rows)
         timings
     """),
@@ -107,20 +109,19 @@ CELLS = [
     Claim(
         en="""
         Streaming costs time on a short row: C = 64 splits the work into 16 query-by-key tiles,
-        each with its own selection and merge, and runs **more than twice** as slowly as scoring
-        all keys at once, which is the **fastest** setting here. Chunking pays in memory, at lengths
-        where the L × L scores would not fit (chapter 2).
+        each with its own selection and merge, and its fastest run takes **more than twice** as long
+        as the fastest run of scoring all keys at once. Chunking pays in memory, at lengths where
+        the L × L scores would not fit (chapter 2).
         """,
         zh="""
-        在短行上流式计算要花时间：C = 64 把工作切成 16 个查询×键的小块，每块各自选择、合并，耗时是
-        一次性为全部键打分的 **两倍以上**，而后者是这里 **最快** 的设置。分块的回报在内存上，适用于
-        L × L 得分放不下的长度（见第 2 章）。
+        在短行上流式计算要花时间：C = 64 把工作切成 16 个查询×键的小块，每块各自选择、合并，其最快一次
+        运行的耗时是一次性为全部键打分的最快一次运行的 **两倍以上**。分块的回报在内存上，适用于 L × L
+        得分放不下的长度（见第 2 章）。
         """,
         check="""
-        by_chunk = timings.set_index("chunk").median_ms
+        best = timings.set_index("chunk").best_ms
         assert (L // 64) ** 2 == 16
-        assert by_chunk[64] > 2 * by_chunk[L], by_chunk
-        assert by_chunk.idxmin() == L, by_chunk
+        assert best[64] > 2 * best[L], best
         """,
     ),
     Md(
