@@ -1,0 +1,319 @@
+"""GPU checks and benchmarks for the kernels, in one run: ``python -m sparse_attn.kernels.gpu_bench OUT_DIR``.
+
+Correctness first (against float64 references on the GPU), then launch
+tuning, then the tables recorded in docs/benchmarks.md: the selected-block
+branch against SDPA's backends, whole NSA, and top-k attention. Times come from
+``sparse_attn.bench.time_fn`` (torch.utils.benchmark: warm-up, CUDA
+synchronisation, median and IQR); peak memory from the CUDA allocator's
+high-water mark above what the inputs already hold. Every section writes its
+rows to OUT_DIR/gpu_results.json as it finishes, so a run cut short keeps
+what it measured.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..attention import topk_attention
+from ..bench import time_fn
+from .. import nsa as nsa_mod
+from ..nsa import _selected_reference, nsa_attention, selected_token_mask
+from . import topk_fused
+from .selected_block import selected_block_attention_triton
+from .topk_prefilter import prefilter_topk_attention
+
+RESULTS: dict = {"sections": {}}
+OUT = "."
+
+
+def _save():
+    with open(f"{OUT}/gpu_results.json", "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+def _record(section, row):
+    RESULTS["sections"].setdefault(section, []).append(row)
+    print(section, json.dumps(row), flush=True)
+    _save()
+
+
+def _timed(fn, min_run_time=0.3, min_runs=7):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    t = time_fn(fn, device="cuda", min_run_time=min_run_time, min_runs=min_runs)
+    return {"median_ms": t.median * 1e3, "iqr_ms": t.iqr * 1e3, "runs": t.runs, "peak_extra_mib": peak / 2**20}
+
+
+def _guard(section, label, fn):
+    """Run one case; on failure (out of memory, unsupported backend) record the error and go on."""
+    try:
+        row = fn()
+    except Exception as e:  # noqa: BLE001 - the sweep must go on
+        torch.cuda.empty_cache()
+        row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    _record(section, {**label, **row})
+    return row
+
+
+def random_block_indices(B, Hs, L, S, block_size, causal, device, gen=None):
+    """Distinct random blocks per query among those it may see (causal: starting at or before it), -1 if fewer."""
+    nb = math.ceil(L / block_size)
+    out = torch.empty(B, Hs, L, S, dtype=torch.long, device=device)
+    for i0 in range(0, L, 8192):  # bounded scratch: (B, Hs, 8192, nb) floats
+        i1 = min(L, i0 + 8192)
+        r = torch.rand(B, Hs, i1 - i0, nb, device=device, generator=gen)
+        if causal:
+            allowed = torch.arange(nb, device=device) * block_size <= torch.arange(i0, i1, device=device)[:, None]
+            r = r.masked_fill(~allowed, -1.0)
+        vals, idx = r.topk(min(S, nb), dim=-1)
+        idx = idx.masked_fill(vals < 0, -1)
+        out[:, :, i0:i1, : idx.shape[-1]] = idx
+        out[:, :, i0:i1, idx.shape[-1]:] = -1
+    return out
+
+
+def _ref_selected(q, k, v, idx, bs, causal, scale):
+    H, Lk = q.shape[1], k.shape[2]
+    G = H // k.shape[1]
+    keys = selected_token_mask(idx, bs, Lk, causal=causal).repeat_interleave(H // idx.shape[1], 1)
+    s = q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2) * scale
+    w = torch.softmax(s.masked_fill(~keys, float("-inf")), -1).nan_to_num(0.0)
+    return w @ v.double().repeat_interleave(G, 1)
+
+
+def _rel(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def correctness():
+    dev = "cuda"
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for causal in (True, False):
+            for per_head in (False, True):
+                for bs, L, D, Dv in ((64, 1024, 128, 128), (48, 1000, 64, 32)):
+                    B, H, Hkv, S = 2, 16, 2, 6
+                    q = torch.randn(B, H, L, D, device=dev, dtype=dtype)
+                    k = torch.randn(B, Hkv, L, D, device=dev, dtype=dtype)
+                    v = torch.randn(B, Hkv, L, Dv, device=dev, dtype=dtype)
+                    idx = random_block_indices(B, H if per_head else Hkv, L, S, bs, causal, dev)
+                    idx[:, :, ::7, 1] = -1  # some empty slots in the middle of a row
+                    scale = 1 / math.sqrt(D)
+                    ref = _ref_selected(q, k, v, idx, bs, causal, scale)
+                    torch_path = _selected_reference(q, k, v, idx, bs, causal=causal, scale=scale)
+                    row = {"dtype": str(dtype).split(".")[-1], "causal": causal, "per_head": per_head,
+                           "block": bs, "L": L, "D": D, "Dv": Dv,
+                           "torch_rel_err": _rel(torch_path, ref)}
+                    for branch in (True, False):
+                        out = selected_block_attention_triton(q, k, v, idx, bs, causal=causal, branch=branch)
+                        row[f"kernel_rel_err_branch{int(branch)}"] = _rel(out, ref)
+                        row[f"kernel_nan_branch{int(branch)}"] = bool(out.isnan().any())
+                    limit = 1e-4 if dtype == torch.float32 else 1e-2
+                    row["pass"] = all(row[f"kernel_rel_err_branch{b}"] < limit and not row[f"kernel_nan_branch{b}"]
+                                      for b in (0, 1))
+                    _record("correctness_selected", row)
+    # prefilter top-k against the full-score top-k on the GPU (float32: no bf16 near-ties)
+    for causal in (False, True):
+        q, k, v = (torch.randn(1, h, 4096, 64, device=dev) for h in (8, 8, 8))
+        ref, rs = topk_attention(q, k, v, 64, causal=causal, return_selection=True)
+        for seg in (4, 8, 32):
+            out, s = prefilter_topk_attention(q, k, v, 64, causal=causal, segment=seg, return_selection=True)
+            same = (s.indices.sort(-1).values == rs.indices.sort(-1).values).all(-1).float().mean().item()
+            _record("correctness_prefilter", {"causal": causal, "segment": seg, "same_key_sets": same,
+                                              "rel_err_vs_full_topk": _rel(out, ref.double())})
+
+
+def correctness_fused():
+    for dtype in (torch.float32, torch.bfloat16):
+        for causal in (False, True):
+            for L, K, C in ((4096, 64, None), (3000, 16, 16)):
+                q, k, v = (torch.randn(1, h, L, 64, device="cuda", dtype=dtype) for h in (8, 2, 2))
+                ref = topk_attention(q.double(), k.double(), v.double(), K, causal=causal)
+                out = topk_fused.fused_topk_attention(q, k, v, K, causal=causal, capacity=C)
+                _record("correctness_fused_topk", {"dtype": str(dtype).split(".")[-1], "causal": causal, "L": L,
+                                                   "top_k": K, "capacity": C, "rel_err": _rel(out, ref),
+                                                   "nan": bool(out.isnan().any()),
+                                                   "overflow_rows": topk_fused.last_overflow_rows})
+
+
+def tune(L=65536):
+    from triton.testing import do_bench
+
+    B, H, Hkv, D, bs, S = 1, 64, 4, 128, 64, 16
+    q = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    idx = random_block_indices(B, Hkv, L, S, bs, True, "cuda")
+    best = None
+    for branch in (True, False):
+        for warps in (2, 4, 8):
+            for stages in (1, 2, 3):
+                cfg = {"branch": branch, "num_warps": warps, "num_stages": stages}
+                try:
+                    ms = do_bench(lambda: selected_block_attention_triton(q, k, v, idx, bs, causal=True, **cfg),
+                                  warmup=50, rep=300, return_mode="median")
+                except Exception as e:  # noqa: BLE001
+                    _record("tune", {**cfg, "error": str(e).splitlines()[0][:200]})
+                    continue
+                _record("tune", {**cfg, "L": L, "median_ms": ms})
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+    return best[1]
+
+
+def selected_table(cfg, lengths=(2048, 4096, 8192, 10240, 12288, 16384, 32768, 65536)):
+    B, H, Hkv, D, bs, S = 1, 64, 4, 128, 64, 16
+    for L in lengths:
+        q = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        idx = random_block_indices(B, Hkv, L, S, bs, True, "cuda")
+        lab = {"L": L}
+        # (SDPA's memory-efficient backend takes no enable_gqa: "No available kernel" on the first run.)
+        for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def run(backend=backend):
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            _guard("selected", {**lab, "method": name}, lambda run=run: _timed(run))
+        _guard("selected", {**lab, "method": "triton_selected", **cfg},
+               lambda: _timed(lambda: selected_block_attention_triton(q, k, v, idx, bs, causal=True, **cfg)))
+        if L <= 8192:
+            _guard("selected", {**lab, "method": "torch_selected_reference"},
+                   lambda: _timed(lambda: _selected_reference(q, k, v, idx, bs, causal=True, scale=D ** -0.5),
+                                  min_run_time=0.1))
+        del q, k, v, idx
+        torch.cuda.empty_cache()
+
+
+def nsa_table(lengths=(8192, 16384, 32768, 65536)):
+    B, H, Hkv, D = 1, 64, 4, 128
+    kw = dict(gates=(1 / 3, 1 / 3, 1 / 3), sliding_window_size=512, compress_block_size=32,
+              compress_block_sliding_stride=16, selection_block_size=64, num_selected_blocks=16, causal=True)
+    for L in lengths:
+        q = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        with torch.no_grad():
+            _guard("nsa", {"L": L, "method": "nsa_attention", **{x: y for x, y in kw.items() if x != "gates"}},
+                   lambda: _timed(lambda: nsa_attention(q, k, v, **kw), min_run_time=0.2, min_runs=3))
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+def topk_table():
+    B, H, D, K = 1, 8, 64, 64
+    for L in (4096, 8192, 16384, 32768):
+        q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        lab = {"L": L}
+        _guard("topk", {**lab, "method": "sdpa"}, lambda: _timed(lambda: F.scaled_dot_product_attention(q, k, v)))
+        _guard("topk", {**lab, "method": "qk_matmul"}, lambda: _timed(lambda: q @ k.transpose(-1, -2)))
+        if L <= 16384:
+            _guard("topk", {**lab, "method": "full_topk"}, lambda: _timed(lambda: topk_attention(q, k, v, K)))
+            _guard("topk", {**lab, "method": "streaming_topk", "chunk_size": 1024},
+                   lambda: _timed(lambda: topk_attention(q, k, v, K, chunk_size=1024)))
+            _guard("topk", {**lab, "method": "prefilter_topk", "segment": 8, "query_chunk_size": 1024},
+                   lambda: _timed(lambda: prefilter_topk_attention(q, k, v, K, segment=8, query_chunk_size=1024)))
+        configs = [(64, 64, 4, 2)]
+        if L == 16384:
+            configs += [(128, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3),
+                        (32, 64, 4, 2)]
+        for bm, bn, w, st in configs:
+            cfg = {"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st}
+            row = _guard("topk", {**lab, "method": "fused_topk", **cfg},
+                         lambda cfg=cfg: _timed(lambda: topk_fused.fused_topk_attention(q, k, v, K, **cfg)))
+            RESULTS["sections"]["topk"][-1]["overflow_rows"] = topk_fused.last_overflow_rows
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+def nsa_parts(lengths=(16384, 65536)):
+    """Where whole-NSA time goes: each stage of nsa_attention timed on its own."""
+    from einops import reduce
+
+    B, H, Hkv, D, cbs, stride, sbs, S, win = 1, 64, 4, 128, 32, 16, 64, 16, 512
+    for L in lengths:
+        q = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        scale = D ** -0.5
+        lab = {"L": L}
+        with torch.no_grad():
+            kc = nsa_mod.compress_kv(k, cbs, stride)
+            vc = nsa_mod.compress_kv(v, cbs, stride)
+            _guard("nsa_parts", {**lab, "part": "compress_kv (k and v)"},
+                   lambda: _timed(lambda: (nsa_mod.compress_kv(k, cbs, stride), nsa_mod.compress_kv(v, cbs, stride))))
+            _guard("nsa_parts", {**lab, "part": "compressed_attention"},
+                   lambda: _timed(lambda: nsa_mod.compressed_attention(q, kc, vc, cbs, stride, causal=True,
+                                                                       scale=scale), min_runs=3))
+            _, p = nsa_mod.compressed_attention(q, kc, vc, cbs, stride, causal=True, scale=scale)
+            M = nsa_mod.importance_to_selection_blocks(kc.shape[2], cbs, stride, sbs, L, dtype=q.dtype, device="cuda")
+            _guard("nsa_parts", {**lab, "part": "importance: p @ M, then sum over the group (as in nsa.py)"},
+                   lambda: _timed(lambda: reduce(p @ M, "b (hk g) i s -> b hk i s", "sum", hk=Hkv), min_runs=3))
+            _guard("nsa_parts", {**lab, "part": "importance: sum over the group, then @ M (same value)"},
+                   lambda: _timed(lambda: reduce(p, "b (hk g) i n -> b hk i n", "sum", hk=Hkv) @ M, min_runs=3))
+            imp = reduce(p, "b (hk g) i n -> b hk i n", "sum", hk=Hkv) @ M
+            del p
+            _guard("nsa_parts", {**lab, "part": "select_blocks"},
+                   lambda: _timed(lambda: nsa_mod.select_blocks(imp, S, sbs, causal=True)))
+            idx = nsa_mod.select_blocks(imp, S, sbs, causal=True)
+            _guard("nsa_parts", {**lab, "part": "selected (Triton kernel)"},
+                   lambda: _timed(lambda: selected_block_attention_triton(q, k, v, idx, sbs, causal=True)))
+            _guard("nsa_parts", {**lab, "part": "sliding_window_attention"},
+                   lambda: _timed(lambda: nsa_mod.sliding_window_attention(q, k, v, win, causal=True, scale=scale)))
+            _guard("nsa_parts", {**lab, "part": "sdpa_cudnn (dense, for scale)"},
+                   lambda: _timed(lambda: _cudnn(q, k, v)))
+        del q, k, v, kc, vc, imp, idx
+        torch.cuda.empty_cache()
+
+
+def _cudnn(q, k, v):
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+SECTIONS = ("correctness", "correctness_fused", "tune", "selected", "topk", "nsa", "nsa_parts")
+
+
+def main(argv=None):
+    """python -m sparse_attn.kernels.gpu_bench OUT_DIR [SECTION ...] (default: all, in order)."""
+    global OUT
+    argv = sys.argv[1:] if argv is None else argv
+    OUT = argv[0] if argv else "."
+    sections = argv[1:] or list(SECTIONS)
+    import triton
+
+    p = torch.cuda.get_device_properties(0)
+    RESULTS["env"] = {"device": p.name, "sm_count": p.multi_processor_count, "torch": torch.__version__,
+                      "triton": triton.__version__, "cuda": torch.version.cuda,
+                      "cudnn": torch.backends.cudnn.version()}
+    print(RESULTS["env"], flush=True)
+    torch.manual_seed(0)
+    cfg = {"branch": False, "num_warps": 4, "num_stages": 2}  # the defaults, tuned on the first run
+    steps = {"correctness": correctness, "correctness_fused": correctness_fused, "topk": topk_table,
+             "nsa": nsa_table, "nsa_parts": nsa_parts}
+    for name in sections:
+        t0 = time.time()
+        try:
+            if name == "tune":
+                cfg = tune()
+                RESULTS["best_config"] = cfg
+            elif name == "selected":
+                selected_table(cfg)
+            else:
+                steps[name]()
+        except Exception:  # noqa: BLE001
+            RESULTS.setdefault("failures", []).append({name: traceback.format_exc()[-2000:]})
+            traceback.print_exc()
+        RESULTS.setdefault("section_seconds", {})[name] = time.time() - t0
+        _save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

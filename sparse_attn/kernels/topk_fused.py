@@ -1,0 +1,233 @@
+"""Exact top-k attention on the GPU in two fused passes, without a score matrix.
+
+A full-row ``torch.topk`` costs about twenty times the QK^T matmul that makes
+the scores (docs/benchmarks.md). Here the scores never leave the chip:
+
+1. ``_segment_max``: one program per (block of queries, head) walks the keys
+   tile by tile (``BLOCK_N`` keys, a *segment*) and writes only each row's
+   maximum per segment: Lk / BLOCK_N numbers per query.
+2. The k-th largest segment maximum is a threshold t with at least k keys at or
+   above it (one per segment), so every top-k key scores >= t.
+3. ``_collect``: the same walk again; keys scoring >= t are appended to a short
+   per-row candidate list (a running count in registers, a prefix sum inside
+   the tile gives each key its slot).
+4. ``torch.topk`` over the candidates (``capacity`` per row) picks the k keys.
+
+On random data about 1.15 k keys pass the threshold (k=64, 16k keys), far
+under the ``capacity`` of 4 k. A row that overflows (many equal scores, or an
+early causal row whose threshold is -inf) is redone exactly in PyTorch, so the
+result is exact for every input; ``last_overflow_rows`` says how many were.
+Scores are float32 dot products of the inputs (IEEE for float32 inputs).
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+from .._checks import check_int, check_qkv, resolve_scale
+from ..attention import gather_kv
+
+__all__ = ["fused_topk_attention", "triton_supports"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+last_overflow_rows = 0
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+def triton_supports(q: torch.Tensor) -> bool:
+    """True when the fused kernels can run q (CUDA, fp16/bf16/fp32)."""
+    return triton is not None and q.is_cuda and q.dtype in _DTYPES
+
+
+if triton is not None:
+
+    @triton.jit
+    def _score_tile(q, k_base, stride_kj, stride_kd, rows, t, Lk,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+        """(BLOCK_M, BLOCK_N) float32 scores of key tile t; -inf where a key is not allowed.
+
+        Both passes call this, so both see bit-identical scores.
+        """
+        offs_d = tl.arange(0, BLOCK_D)
+        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        kt = tl.load(k_base + cols[None, :] * stride_kj + offs_d[:, None] * stride_kd,
+                     mask=(cols[None, :] < Lk) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION)
+        ok = cols[None, :] < Lk
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= rows[:, None])
+        return tl.where(ok, s, float("-inf")), cols
+
+    @triton.jit
+    def _load_q(Q, b, h, rows, stride_qb, stride_qh, stride_qi, stride_qd, Lq,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        offs_d = tl.arange(0, BLOCK_D)
+        return tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qi + offs_d[None, :] * stride_qd,
+                       mask=(rows[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+    @triton.jit
+    def _n_tiles(pid_m, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        n = tl.cdiv(Lk, BLOCK_N)
+        if CAUSAL:  # tiles that start after the block's last query hold no allowed key
+            last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq) - 1
+            n = tl.minimum(n, last // BLOCK_N + 1)
+        return n
+
+    @triton.jit
+    def _segment_max(Q, K, SM,
+                     stride_qb, stride_qh, stride_qi, stride_qd,
+                     stride_kb, stride_kh, stride_kj, stride_kd,
+                     H, G, Lq, Lk, n_seg,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = _load_q(Q, b, h, rows, stride_qb, stride_qh, stride_qi, stride_qd, Lq, HEAD_DIM, BLOCK_D)
+        k_base = K + b * stride_kb + (h // G) * stride_kh
+        sm_row = SM + (bh * Lq + rows) * n_seg
+        for t in range(0, _n_tiles(pid_m, Lq, Lk, BLOCK_M, BLOCK_N, CAUSAL)):
+            s, _ = _score_tile(q, k_base, stride_kj, stride_kd, rows, t, Lk,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, PRECISION)
+            tl.store(sm_row + t, tl.max(s, 1), mask=rows < Lq)
+
+    @triton.jit
+    def _collect(Q, K, TAU, CV, CI, CNT,
+                 stride_qb, stride_qh, stride_qi, stride_qd,
+                 stride_kb, stride_kh, stride_kj, stride_kd,
+                 H, G, Lq, Lk, capacity,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < Lq
+        q = _load_q(Q, b, h, rows, stride_qb, stride_qh, stride_qi, stride_qd, Lq, HEAD_DIM, BLOCK_D)
+        k_base = K + b * stride_kb + (h // G) * stride_kh
+        flat = bh * Lq + rows
+        tau = tl.load(TAU + flat, mask=row_ok, other=float("inf"))
+        count = tl.zeros([BLOCK_M], tl.int32)
+        for t in range(0, _n_tiles(pid_m, Lq, Lk, BLOCK_M, BLOCK_N, CAUSAL)):
+            s, cols = _score_tile(q, k_base, stride_kj, stride_kd, rows, t, Lk,
+                                  HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, PRECISION)
+            # s > -inf: with tau = -inf (fewer than k segments) masked keys must still stay out.
+            keep = (s >= tau[:, None]) & (s > float("-inf"))
+            slot = count[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+            dst = flat[:, None] * capacity + slot
+            store = keep & (slot < capacity) & row_ok[:, None]
+            tl.store(CV + dst, s, mask=store)
+            tl.store(CI + dst, cols[None, :] + tl.zeros_like(slot), mask=store)
+            count += tl.sum(keep.to(tl.int32), 1)
+        tl.store(CNT + flat, count, mask=row_ok)
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << max(n - 1, 0).bit_length())
+
+
+def fused_topk_attention(q, k, v, top_k: int, *, causal: bool = False, scale: float | None = None,
+                         capacity: int | None = None, block_m: int = 64, block_n: int = 64,
+                         query_chunk_size: int = 4096, num_warps: int = 4, num_stages: int = 2):
+    """Each query attends to its ``top_k`` highest-scoring allowed keys; same result as ``topk_attention``.
+
+    Args:
+        q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): CUDA tensors of one
+            dtype (float16 / bfloat16 / float32); H a multiple of Hkv.
+        top_k: keys per query, >= 1; at least the number of allowed keys gives dense attention.
+        causal: SDPA's ``is_causal``.
+        scale: default 1/sqrt(D).
+        capacity: candidate slots per query (default max(4 * top_k, 128)); rows
+            with more candidates are redone exactly in PyTorch.
+        block_m, block_n: queries per program and keys per segment (powers of two >= 16).
+        query_chunk_size: queries per step of the final gather of values (bounds its memory).
+
+    Returns:
+        (B, H, Lq, Dv) in q's dtype; rows with no allowed key are zeros. Not differentiable.
+        Extra memory: Lq * (Lk / block_n + 3 * capacity) numbers per head, plus one
+        value gather of ``query_chunk_size * top_k * Dv`` per head.
+    """
+    global last_overflow_rows
+    if triton is None:
+        raise RuntimeError("fused_topk_attention needs Triton, which is not installed")
+    B, H, Hkv, Lq, Lk, D, Dv = check_qkv(q, k, v)
+    check_int(top_k, "top_k", minimum=1)
+    check_int(query_chunk_size, "query_chunk_size", minimum=1)
+    scale = resolve_scale(scale, D)
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q, k, v must be float16, bfloat16 or float32 for the fused kernels, got {q.dtype}")
+    for name, val in (("block_m", block_m), ("block_n", block_n)):
+        if check_int(val, name, minimum=16) & (val - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {val}")
+    K = min(top_k, Lk)
+    C = capacity if capacity is not None else max(4 * K, 128)
+    check_int(C, "capacity", minimum=max(K, 1))
+    if Lq == 0 or Lk == 0:
+        return q.new_zeros(B, H, Lq, Dv)
+    n_seg = triton.cdiv(Lk, block_n)
+    dev = q.device
+    common = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D), CAUSAL=bool(causal),
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+                  num_stages=num_stages)
+    grid = (triton.cdiv(Lq, block_m), B * H)
+    strides = (*q.stride(), *k.stride())
+
+    seg_max = torch.full((B * H, Lq, n_seg), float("-inf"), device=dev)
+    _segment_max[grid](q, k, seg_max, *strides, H, H // Hkv, Lq, Lk, n_seg, **common)
+    if n_seg >= K:
+        tau = seg_max.topk(K, dim=-1, sorted=False).values.amin(dim=-1).contiguous()
+    else:  # fewer segments than k: every allowed key is a candidate
+        tau = torch.full((B * H, Lq), float("-inf"), device=dev)
+    del seg_max
+
+    cand_v = torch.full((B * H, Lq, C), float("-inf"), device=dev)
+    cand_i = torch.full((B * H, Lq, C), -1, dtype=torch.int32, device=dev)
+    count = torch.empty((B * H, Lq), dtype=torch.int32, device=dev)
+    _collect[grid](q, k, tau, cand_v, cand_i, count, *strides, H, H // Hkv, Lq, Lk, C, **common)
+    vals, pos = cand_v.topk(K, dim=-1)
+    idx = cand_i.gather(-1, pos).long()
+    del cand_v, cand_i
+
+    over = (count > C).nonzero()
+    last_overflow_rows = over.shape[0]
+    if last_overflow_rows:
+        _redo_rows(q, k, over, vals, idx, K, causal, H // Hkv)
+
+    idx = idx.masked_fill(torch.isneginf(vals), -1)
+    weights = torch.softmax(vals * scale, dim=-1).nan_to_num_(0.0)  # a row of -inf: no allowed key
+    weights = rearrange(weights, "(b h) i s -> b h i s", b=B)
+    idx = rearrange(idx, "(b h) i s -> b h i s", b=B)
+    out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=dev)
+    for i0 in range(0, Lq, query_chunk_size):
+        sl = slice(i0, i0 + query_chunk_size)
+        to_kv = lambda t: rearrange(t[:, :, sl], "b (hk g) i s -> b hk (g i) s", hk=Hkv)  # noqa: E731
+        v_sel = gather_kv(v, to_kv(idx).clamp(min=0))
+        o = torch.einsum("bhrs,bhrsd->bhrd", to_kv(weights).to(v.dtype), v_sel)
+        out[:, :, sl] = rearrange(o, "b hk (g i) d -> b (hk g) i d", g=H // Hkv)
+    return out
+
+
+def _redo_rows(q, k, over, vals, idx, K, causal, G):
+    """Exact top-K for the (flat head, row) pairs in ``over``, in float32 like the kernels."""
+    H = q.shape[1]
+    for bh in over[:, 0].unique().tolist():
+        rows = over[over[:, 0] == bh, 1]
+        b, h = divmod(bh, H)
+        kh = k[b, h // G].float()
+        for r0 in range(0, rows.numel(), 4096):
+            r = rows[r0 : r0 + 4096]
+            s = q[b, h, r].float() @ kh.T
+            if causal:
+                s = s.masked_fill(torch.arange(kh.shape[0], device=q.device) > r[:, None], float("-inf"))
+            tv, ti = s.topk(K, dim=-1)
+            vals[bh, r] = tv
+            idx[bh, r] = ti
