@@ -272,47 +272,68 @@ def _selected_impl(q, k, v, block_indices, block_size, causal, scale, block_bias
 
 
 def _selected_reference(q, k, v, block_indices, block_size, *, causal, scale, block_bias=None, query_chunk_size=None):
-    """Pure-PyTorch selected-block attention, chunked over queries (see ``selected_block_attention``)."""
-    B, H, Lq, _ = q.shape
+    """Pure-PyTorch selected-block attention, chunked over queries (see ``selected_block_attention``).
+
+    Per chunk of queries, the union of the blocks they picked is gathered once
+    and every query of the chunk is scored against it, with the blocks it did
+    not pick masked out. Gathering per query instead would copy each key once
+    per query that picks it (S * block_size * D per query); the union costs at
+    most Lk * D per chunk and the scores at most chunk * Lk.
+    """
+    B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     S = block_indices.shape[-1]
     if Lq == 0 or Lk == 0 or S == 0:
         return q.new_zeros(B, H, Lq, Dv)
-    per_head = block_indices.shape[1] != Hkv
-    qg = rearrange(q, "b (hk g) i d -> b hk g i d", hk=Hkv)
-    G = qg.shape[2]
-    groups = "b (hk g) i s -> b hk g i s" if per_head else "b hk i s -> b hk 1 i s"
+    nb = math.ceil(Lk / block_size)
+    groups = "b (hk g) i s -> b hk g i s" if block_indices.shape[1] != Hkv else "b hk i s -> b hk 1 i s"
     idx = rearrange(block_indices, groups, hk=Hkv)  # (B, Hkv, G or 1, Lq, S)
     bias = None if block_bias is None else rearrange(block_bias, groups, hk=Hkv)
-    g_idx = idx.shape[2]
-    T = S * block_size
-    qc = query_chunk_size or max(1, _GATHER_BUDGET // max(1, B * Hkv * g_idx * T * (q.shape[-1] + Dv)))
+    qg = rearrange(q * scale, "b (hk g) i d -> b hk g i d", hk=Hkv)
+    qc = query_chunk_size or max(1, _GATHER_BUDGET // (4 * B * H * max(Lk, 1)))
     offsets = torch.arange(block_size, device=q.device)
+    # With a score bias (differentiable top-k) the softmax is spelled out. A
+    # large finite negative, not -inf, masks: masked keys get weight exactly 0
+    # and rows with no key are zeroed once at the end.
+    neg = torch.finfo(q.dtype).min
     outs = []
     for i0 in range(0, Lq, qc):
         blk = idx[:, :, :, i0 : i0 + qc]
         n = blk.shape[3]
-        tok = blk.unsqueeze(-1) * block_size + offsets  # (B, Hkv, g, n, S, bs)
-        valid = (blk >= 0).unsqueeze(-1) & (tok < Lk)
+        # picked[..., c]: the query picked block c; the extra column nb soaks up -1 slots.
+        picked = blk.new_zeros(*blk.shape[:-1], nb + 1, dtype=torch.bool)
+        picked.scatter_(-1, blk.masked_fill(blk < 0, nb), True)
+        used = picked[..., :nb].flatten(2, 3).any(dim=2)  # (B, Hkv, nb)
+        U = int(used.sum(-1).max())
+        if U == 0:
+            outs.append(qg.new_zeros(*qg.shape[:3], n, Dv))
+            continue
+        # Stable sort puts the used blocks first, in order; any padding is masked below.
+        union = torch.sort(used.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :U]
+        tok = rearrange(union.unsqueeze(-1) * block_size + offsets, "b h u w -> b h 1 (u w)")
+        ks = gather_kv(k, tok.clamp(max=Lk - 1))[:, :, 0]  # (B, Hkv, U * bs, D)
+        vs = gather_kv(v, tok.clamp(max=Lk - 1))[:, :, 0]
+        cols = union.unsqueeze(2).unsqueeze(3).expand(*picked.shape[:4], U)
+        valid = picked.gather(-1, cols).repeat_interleave(block_size, dim=-1)  # (B, Hkv, g, n, U * bs)
+        valid &= tok.unsqueeze(2) < Lk
         if causal:
-            valid &= tok <= torch.arange(i0, i0 + n, device=q.device).view(n, 1, 1)
-        tok = rearrange(tok.clamp(0, Lk - 1), "b h g n s w -> b h (g n) (s w)")
-        ks = rearrange(gather_kv(k, tok), "b h (g n) t d -> b h g n t d", n=n)
-        vs = rearrange(gather_kv(v, tok), "b h (g n) t d -> b h g n t d", n=n)
+            valid &= tok.unsqueeze(2) <= torch.arange(i0, i0 + n, device=q.device).view(n, 1)
         qb = qg[:, :, :, i0 : i0 + n]
-        if per_head:
-            scores = torch.einsum("bhgid,bhgitd->bhgit", qb, ks) * scale
-        else:
-            scores = torch.einsum("bhgid,bhitd->bhgit", qb, ks[:, :, 0]) * scale
-        if bias is not None:
-            b = bias[:, :, :, i0 : i0 + n].unsqueeze(-1).expand(-1, -1, -1, -1, -1, block_size)
-            scores = scores + rearrange(b, "b h g n s w -> b h g n (s w)")
-        scores = scores.masked_fill(~rearrange(valid, "b h g n s w -> b h g n (s w)"), float("-inf"))
-        weights = _safe_softmax(scores)
-        if per_head:
-            outs.append(torch.einsum("bhgit,bhgitd->bhgid", weights, vs))
-        else:
-            outs.append(torch.einsum("bhgit,bhitd->bhgid", weights, vs[:, :, 0]))
+        if bias is None:
+            # SDPA fuses scores, mask and softmax (a row with no allowed key gives 0).
+            sdpa = F.scaled_dot_product_attention(
+                rearrange(qb, "b h g n d -> (b h) g n d"), rearrange(ks, "b h t d -> (b h) 1 t d"),
+                rearrange(vs, "b h t d -> (b h) 1 t d"), attn_mask=rearrange(valid, "b h g n t -> (b h) g n t"),
+                scale=1.0, enable_gqa=qb.shape[2] > 1,
+            )
+            outs.append(rearrange(sdpa, "(b h) g n d -> b h g n d", b=B))
+            continue
+        slot_bias = picked.new_zeros(picked.shape, dtype=q.dtype)
+        slot_bias = slot_bias.scatter(-1, blk.masked_fill(blk < 0, nb), bias[:, :, :, i0 : i0 + n])
+        scores = qb @ ks.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, G, n, U * bs)
+        scores = scores + slot_bias.gather(-1, cols).repeat_interleave(block_size, dim=-1)
+        weights = torch.softmax(scores.masked_fill(~valid, neg), dim=-1)
+        outs.append((weights @ vs.unsqueeze(2)) * valid.any(dim=-1, keepdim=True))
     return rearrange(torch.cat(outs, dim=3), "b hk g i d -> b (hk g) i d")
 
 
