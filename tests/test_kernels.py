@@ -239,3 +239,46 @@ def test_prefilter_topk_rejects_bad_input():
         prefilter_topk_attention(q, q, q, 2, segment=0)
     with pytest.raises(TypeError, match="top_k must be an int"):
         prefilter_topk_attention(q, q, q, 2.0)
+
+
+# --------------------------------------------------------------------------- benchmark sweeps
+
+
+def test_sweep_notes_cases_it_cannot_run_and_goes_on():
+    from sparse_attn import bench
+
+    cases = bench.sweep_cases(["bogus", "fused_topk", "sdpa"], [64, 1 << 40], devices=["cpu"])
+    assert len(cases) == 6
+    if not torch.cuda.is_available():
+        cases += bench.sweep_cases(["sdpa"], [64], devices=["cuda"])
+    seen = []
+    runnable = lambda c: c.method == "sdpa" and c.length == 64 and c.device == "cpu"  # noqa: E731
+    rows = bench.run_sweep([c for c in cases if not runnable(c)], progress=False,
+                           on_row=seen.append)
+    notes = [r["note"] for r in rows]
+    assert seen == rows and all(notes)
+    assert any("unknown method 'bogus'" in n for n in notes)
+    assert any("fused_topk runs on CUDA only" in n for n in notes)
+    assert any(n.startswith("skipped: needs about") for n in notes)  # a length no machine holds
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in notes[-1]
+
+
+def test_speedup_and_report_from_rows():
+    pytest.importorskip("plotly")
+    from sparse_attn import bench
+
+    rows = []
+    for n, t_sdpa, t_sel in ((1024, 2e-3, 4e-3), (4096, 3e-2, 1e-2)):
+        for m, t in (("sdpa", t_sdpa), ("nsa_selected", t_sel)):
+            rows.append({**bench.asdict(bench.Case(method=m, length=n)), "median_s": t, "iqr_s": t / 10,
+                         "runs": 5, "peak_extra_bytes": n * 1024})
+    rows.append({**bench.asdict(bench.Case(method="nsa", length=4096)), "note": "skipped: out of memory"})
+    bench._add_speedup(rows)
+    assert rows[1]["speedup_vs_sdpa"] == pytest.approx(0.5) and rows[3]["speedup_vs_sdpa"] == pytest.approx(3.0)
+    figs = bench.sweep_figures(rows)
+    assert [f.layout.xaxis.type for f in figs] == ["log"] * 3
+    speed = {t.name: list(t.y) for t in figs[2].data}
+    assert speed["nsa_selected"] == pytest.approx([0.5, 3.0])
+    page = bench.report_html(rows, {"torch": torch.__version__})
+    assert page.count("<tr>") == len(rows) + 1 and "skipped: out of memory" in page and "plotly" in page
