@@ -290,7 +290,10 @@ def _selected_reference(q, k, v, block_indices, block_size, *, causal, scale, bl
     idx = rearrange(block_indices, groups, hk=Hkv)  # (B, Hkv, G or 1, Lq, S)
     bias = None if block_bias is None else rearrange(block_bias, groups, hk=Hkv)
     qg = rearrange(q * scale, "b (hk g) i d -> b hk g i d", hk=Hkv)
-    qc = query_chunk_size or max(1, _GATHER_BUDGET // (4 * B * H * max(Lk, 1)))
+    # Per chunk the boolean mask holds B * Hkv * g * n * Lk entries at most; the
+    # spelled-out softmax (with a bias) also holds a few float scores per head.
+    per_query = B * max(Lk, 1) * (idx.shape[1] * idx.shape[2] if block_bias is None else 4 * H)
+    qc = query_chunk_size or max(1, _GATHER_BUDGET // per_query)
     offsets = torch.arange(block_size, device=q.device)
     # With a score bias (differentiable top-k) the softmax is spelled out. A
     # large finite negative, not -inf, masks: masked keys get weight exactly 0
@@ -310,14 +313,15 @@ def _selected_reference(q, k, v, block_indices, block_size, *, causal, scale, bl
             continue
         # Stable sort puts the used blocks first, in order; any padding is masked below.
         union = torch.sort(used.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :U]
-        tok = rearrange(union.unsqueeze(-1) * block_size + offsets, "b h u w -> b h 1 (u w)")
-        ks = gather_kv(k, tok.clamp(max=Lk - 1))[:, :, 0]  # (B, Hkv, U * bs, D)
-        vs = gather_kv(v, tok.clamp(max=Lk - 1))[:, :, 0]
+        tok = union.unsqueeze(-1) * block_size + offsets  # (B, Hkv, U, bs)
+        flat = rearrange(tok.clamp(max=Lk - 1), "b h u w -> b h 1 (u w)")
+        ks = gather_kv(k, flat)[:, :, 0]  # (B, Hkv, U * bs, D)
+        vs = gather_kv(v, flat)[:, :, 0]
         cols = union.unsqueeze(2).unsqueeze(3).expand(*picked.shape[:4], U)
-        valid = picked.gather(-1, cols).repeat_interleave(block_size, dim=-1)  # (B, Hkv, g, n, U * bs)
-        valid &= tok.unsqueeze(2) < Lk
-        if causal:
-            valid &= tok.unsqueeze(2) <= torch.arange(i0, i0 + n, device=q.device).view(n, 1)
+        # Last key query i may see: i when causal, and never past the end (partial last block).
+        last = torch.arange(i0, i0 + n, device=q.device) if causal else torch.full((n,), Lk - 1, device=q.device)
+        in_reach = tok[:, :, None, None] <= last.clamp(max=Lk - 1).view(n, 1, 1)  # (B, Hkv, 1, n, U, bs)
+        valid = (picked.gather(-1, cols).unsqueeze(-1) & in_reach).flatten(-2)  # (B, Hkv, g, n, U * bs)
         qb = qg[:, :, :, i0 : i0 + n]
         if bias is None:
             # SDPA fuses scores, mask and softmax (a row with no allowed key gives 0).
