@@ -78,6 +78,14 @@ def test_streaming_and_full_topk_select_the_same_keys():
     assert torch.equal(a.mask, b.mask)
     # The streaming estimate holds one tile, the full-score one the whole matrix.
     assert a.cost.memory_bytes < b.cost.memory_bytes
+    # Pictures may take the faster path: same keys, same weights, the streaming method's own costs.
+    cfg = Config(top_k=5, chunk_size=9, causal=True)
+    p = METHODS["topk"].run_for_picture(q, k, v, cfg)
+    assert torch.equal(p.mask, a.mask)
+    torch.testing.assert_close(p.weights, a.weights)
+    assert p.cost == a.cost
+    with pytest.raises(SettingError):
+        METHODS["topk"].run_for_picture(q, k, v, Config(top_k=0))
 
 
 @given(Lq=st.integers(0, 70), Lk=st.integers(0, 70), causal=st.booleans())
