@@ -131,13 +131,49 @@ if triton is not None:
         tl.store(CNT + flat, count, mask=row_ok)
 
 
+    @triton.jit
+    def _kth_largest(X, OUT, n_rows, n_cols, K,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """OUT[r] = the K-th largest of X[r, :n_cols] (-inf when n_cols < K): a sort in registers."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        x = tl.load(X + rows[:, None] * n_cols + cols[None, :],
+                    mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=float("-inf"))
+        srt = tl.sort(x, 1, descending=True)
+        kth = tl.sum(tl.where(cols[None, :] == K - 1, srt, 0.0), 1)
+        kth = tl.where(K <= n_cols, kth, float("-inf"))
+        tl.store(OUT + rows, kth, mask=rows < n_rows)
+
+    @triton.jit
+    def _pick_k(CV, CI, VALS, IDX, n_rows, C, K,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The K largest of each row's candidates, in slot order (not sorted), with their key indices."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        m = (rows[:, None] < n_rows) & (cols[None, :] < C)
+        v = tl.load(CV + rows[:, None] * C + cols[None, :], mask=m, other=float("-inf"))
+        ix = tl.load(CI + rows[:, None] * C + cols[None, :], mask=m, other=-1)
+        srt = tl.sort(v, 1, descending=True)
+        kth = tl.sum(tl.where(cols[None, :] == K - 1, srt, 0.0), 1)
+        above = v > kth[:, None]
+        tie = v == kth[:, None]
+        room = K - tl.sum(above.to(tl.int32), 1)  # slots left for keys equal to the k-th
+        keep = above | (tie & (tl.cumsum(tie.to(tl.int32), 1) <= room[:, None]))
+        keep = keep & m
+        slot = tl.cumsum(keep.to(tl.int32), 1) - 1
+        dst = rows[:, None] * K + slot
+        tl.store(VALS + dst, v, mask=keep)
+        tl.store(IDX + dst, ix, mask=keep)
+
+
 def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << max(n - 1, 0).bit_length())
 
 
 def fused_topk_attention(q, k, v, top_k: int, *, causal: bool = False, scale: float | None = None,
                          capacity: int | None = None, block_m: int = 64, block_n: int = 64,
-                         query_chunk_size: int = 4096, num_warps: int = 4, num_stages: int = 2):
+                         query_chunk_size: int = 4096, num_warps: int = 4, num_stages: int = 2,
+                         select: str = "triton"):
     """Each query attends to its ``top_k`` highest-scoring allowed keys; same result as ``topk_attention``.
 
     Args:
@@ -150,6 +186,8 @@ def fused_topk_attention(q, k, v, top_k: int, *, causal: bool = False, scale: fl
             with more candidates are redone exactly in PyTorch.
         block_m, block_n: queries per program and keys per segment (powers of two >= 16).
         query_chunk_size: queries per step of the final gather of values (bounds its memory).
+        select: "triton" picks the threshold and the final k with sorts in registers
+            (one row block per program); "torch" uses ``torch.topk`` for both.
 
     Returns:
         (B, H, Lq, Dv) in q's dtype; rows with no allowed key are zeros. Not differentiable.
@@ -168,6 +206,8 @@ def fused_topk_attention(q, k, v, top_k: int, *, causal: bool = False, scale: fl
     for name, val in (("block_m", block_m), ("block_n", block_n)):
         if check_int(val, name, minimum=16) & (val - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {val}")
+    if select not in ("triton", "torch"):
+        raise ValueError(f"select must be 'triton' or 'torch', got {select!r}")
     K = min(top_k, Lk)
     C = capacity if capacity is not None else max(4 * K, 128)
     check_int(C, "capacity", minimum=max(K, 1))
@@ -183,18 +223,32 @@ def fused_topk_attention(q, k, v, top_k: int, *, causal: bool = False, scale: fl
 
     seg_max = torch.full((B * H, Lq, n_seg), float("-inf"), device=dev)
     _segment_max[grid](q, k, seg_max, *strides, H, H // Hkv, Lq, Lk, n_seg, **common)
-    if n_seg >= K:
-        tau = seg_max.topk(K, dim=-1, sorted=False).values.amin(dim=-1).contiguous()
-    else:  # fewer segments than k: every allowed key is a candidate
+    n_rows = B * H * Lq
+    if n_seg < K:  # fewer segments than k: every allowed key is a candidate
         tau = torch.full((B * H, Lq), float("-inf"), device=dev)
+    elif select == "triton" and n_seg <= 4096:
+        tau = torch.empty((B * H, Lq), device=dev)
+        br = max(1, min(16, 4096 // _pow2(n_seg)))
+        _kth_largest[(triton.cdiv(n_rows, br),)](seg_max, tau, n_rows, n_seg, K, BLOCK_R=br,
+                                                  BLOCK_C=_pow2(n_seg), num_warps=4)
+    else:
+        tau = seg_max.topk(K, dim=-1, sorted=False).values.amin(dim=-1).contiguous()
     del seg_max
 
     cand_v = torch.full((B * H, Lq, C), float("-inf"), device=dev)
     cand_i = torch.full((B * H, Lq, C), -1, dtype=torch.int32, device=dev)
     count = torch.empty((B * H, Lq), dtype=torch.int32, device=dev)
     _collect[grid](q, k, tau, cand_v, cand_i, count, *strides, H, H // Hkv, Lq, Lk, C, **common)
-    vals, pos = cand_v.topk(K, dim=-1)
-    idx = cand_i.gather(-1, pos).long()
+    if select == "triton" and C <= 4096:
+        vals = torch.full((B * H, Lq, K), float("-inf"), device=dev)
+        idx32 = torch.full((B * H, Lq, K), -1, dtype=torch.int32, device=dev)
+        br = max(1, min(16, 4096 // _pow2(C)))
+        _pick_k[(triton.cdiv(n_rows, br),)](cand_v, cand_i, vals, idx32, n_rows, C, K, BLOCK_R=br,
+                                             BLOCK_C=_pow2(C), num_warps=4)
+        idx = idx32.long()
+    else:
+        vals, pos = cand_v.topk(K, dim=-1)
+        idx = cand_i.gather(-1, pos).long()
     del cand_v, cand_i
 
     over = (count > C).nonzero()
