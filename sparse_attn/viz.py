@@ -153,7 +153,7 @@ def attention_maps(dense, sparse, mask, *, diff=None, log: bool = False, tokens:
     diff = pool_map(diff, max_cells, pool, signed=True)
     method_name = method_name or t("viz.sparse", lang)
     names = [t("viz.dense", lang), method_name, t("viz.mask", lang), t("viz.difference", lang)]
-    fig = make_subplots(rows=2, cols=2, subplot_titles=names, horizontal_spacing=0.12, vertical_spacing=0.12)
+    fig = make_subplots(rows=2, cols=2, subplot_titles=names, horizontal_spacing=0.12, vertical_spacing=0.17)
     top = float(max(d.values.max(initial=0), s.values.max(initial=0)))
     fig.add_trace(_trace(d, log=log, coloraxis="coloraxis", name=names[0]), 1, 1)
     fig.add_trace(_trace(s, log=log, coloraxis="coloraxis", name=names[1]), 1, 2)

@@ -73,9 +73,9 @@ def render(s: dict, lang: str) -> None:
         st.metric(t("metric.keys_scored", lang), f"{m['keys_scored']:.1f}")
         st.metric(t("metric.keys_attended", lang), f"{m['keys_attended']:.1f}")
         st.metric(t("metric.flops", lang), _si(m["flops"]),
-                  t("metric.vs_dense", lang, value=_si(m["flops_dense"])), delta_color="off")
+                  t("metric.vs_dense", lang, value=_si(m["flops_dense"])), delta_color="off", delta_arrow="off")
         st.metric(t("metric.memory", lang), _bytes(m["memory"]),
-                  t("metric.vs_dense", lang, value=_bytes(m["memory_dense"])), delta_color="off")
+                  t("metric.vs_dense", lang, value=_bytes(m["memory_dense"])), delta_color="off", delta_arrow="off")
     table = metrics_table(data, lang)
     st.subheader(t("maps.heads", lang))
     st.plotly_chart(viz.head_grid(data["grid"], log=ss["log"], lang=lang), key="grid_chart",

@@ -7,7 +7,7 @@ from playwright.sync_api import expect
 
 from sparse_attn.i18n import t
 
-from .helpers import signature, wait_for_new_signature, wait_for_plot, wait_idle
+from .helpers import MAPS, signature, trace_count, wait_for_new_signature, wait_for_plot, wait_idle
 
 SHOTS = os.environ.get("SPARSE_ATTN_SCREENSHOTS")  # a folder: save the screenshots there (docs/screenshots)
 
@@ -26,7 +26,7 @@ def test_page_loads_with_heatmaps_that_hold_data(page, app_url):
     sig = open_app(page, app_url)
     expect(page.get_by_role("heading", name=t("app.title", "en"))).to_be_visible()
     assert sig[0] == sig[1] == 256 and sig[2] > 0  # the sparse map: 256 x 256 with selected keys
-    dense = signature(page, 0, 0)
+    dense = signature(page, MAPS, 0)
     assert dense[2] == 256 * 256 and abs(dense[3] - 256) < 1e-2  # every dense row sums to 1
     assert page.locator("[data-testid='stException']").count() == 0
 
@@ -75,14 +75,13 @@ def test_the_timing_panel_completes(page, app_url):
     page.get_by_role("button", name=t("speed.run", "en")).click()
     expect(page.get_by_text(re.compile(re.escape(t("speed.done", "en", n=0)[:15])))).to_be_visible(timeout=120_000)
     wait_idle(page)
-    n = page.evaluate("() => document.querySelector('.js-plotly-plot')._fullData.length")
-    assert n == 3  # dense SDPA, full-score top-k, streaming top-k
+    assert trace_count(page, "speed_chart") == 3  # dense SDPA, full-score top-k, streaming top-k
     if SHOTS:
         page.screenshot(path=str(Path(SHOTS) / "speed_en.png"), full_page=True)
 
 
 def test_english_screenshot_and_explainer(page, app_url):
-    open_app(page, app_url, "?pattern=sink_local&L=128&k=16&causal=true")
+    open_app(page, app_url, "?pattern=sink_local&L=128&k=16&causal=true&log=true")
     if SHOTS:
         page.screenshot(path=str(Path(SHOTS) / "app_en.png"), full_page=True)
     page.get_by_role("tab", name=t("tab.explain", "en")).click()
