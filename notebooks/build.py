@@ -108,6 +108,12 @@ def build_notebook(ch, lang: str, glossary: dict[str, str]) -> nbformat.Notebook
     rows = "\n".join(f"| {term} | {glossary[term]} |" for term in ch.TERMS)
     cells.append(_md(f"## {WORDS['terms'][lang]}\n\n| English | 中文 |\n| --- | --- |\n{rows}"))
 
+    prose = " ".join(" ".join(c.source for c in cells[:-1] if c.cell_type == "markdown").lower().split())
+    unused = [t for t in ch.TERMS if (t if lang == "en" else glossary[t]).lower() not in prose]
+    if unused:
+        raise ValueError(f"chapter {ch.NUMBER} ({lang}): the prose never uses the listed terms "
+                         f"{[t if lang == 'en' else glossary[t] for t in unused]}")
+
     for i, cell in enumerate(cells):
         cell.id = f"c{i:03d}"  # fixed ids: a rebuild gives the same bytes, and en/zh cells pair up by id
     nb = v4.new_notebook(cells=cells)

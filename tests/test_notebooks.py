@@ -93,10 +93,18 @@ def test_glossary_terms_are_used_in_both_languages(slug):
     glossary = build.load_glossary()
     ch = CHAPTERS[SLUGS.index(slug)]
     for lang in LANGS:
-        prose = "\n".join(c.source for c in _read(lang, slug).cells[:-1] if c.cell_type == "markdown")
+        prose = " ".join(" ".join(c.source for c in _read(lang, slug).cells[:-1] if c.cell_type == "markdown").split())
         for term in ch.TERMS:
             word = term if lang == "en" else glossary[term]
             assert word.lower() in prose.lower(), f"{slug}/{lang}: the term {word!r} is listed but never used"
+        assert f"| {ch.TERMS[0]} | {glossary[ch.TERMS[0]]} |" in _read(lang, slug).cells[-1].source
+
+
+def test_build_refuses_a_term_the_prose_does_not_use(monkeypatch):
+    ch = CHAPTERS[0]
+    monkeypatch.setattr(ch, "TERMS", [*ch.TERMS, "pooling"])
+    with pytest.raises(ValueError, match="never uses"):
+        build.build_notebook(ch, "en", build.load_glossary())
 
 
 def test_glossary_page_follows_the_app_glossary():
@@ -133,7 +141,9 @@ def test_every_notebook_runs_top_to_bottom(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("PLOTLY_RENDERER", "json")
+    monkeypatch.setenv("PLOTLY_RENDERER", "json")  # no plotly.js bundle in every output
+    # Two notebooks share two cores: one thread each, or their thread pools fight over both.
+    monkeypatch.setenv("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
     paths = [NB / lang / f"{slug}.ipynb" for slug in SLUGS for lang in LANGS]
     results = asyncio.run(_execute_all(paths))
     report = "\n".join(f"{p.relative_to(NB)}: {t:.1f} s" + (f"  FAILED: {e}" if e else "") for p, (t, e) in results.items())

@@ -84,19 +84,31 @@ CELLS = [
     Md(
         en="""
         The picture puts the dense weights of head 0 next to the top-16 weights, the selection
-        mask and their difference. Top-k moves the tail's weight onto the kept keys: the
-        difference is positive on the selection and negative everywhere else.
+        mask and their difference (log scale).
         """,
         zh="""
-        下图把第 0 个注意力头的稠密权重和 Top-16 权重并排显示，并给出选择掩码和两者之差。Top-k 把尾部的权重
-        挪到了保留的键上：差值在被选中的位置为正，在其他位置为负。
+        下图把第 0 个注意力头的稠密权重和 Top-16 权重并排显示，并给出选择掩码和两者之差（对数刻度）。
         """,
     ),
     Code("""
         out16, sel16 = topk_attention(q, k, v, 16, return_selection=True)
         viz.attention_maps(weights[0, 0], sel16.to_dense(L)[0, 0], sel16.mask(L)[0, 0], log=True,
                            method_name=tr("top-16", "Top-16"), lang=LANG).show()
+        difference = sel16.to_dense(L) - weights
+        picked = sel16.mask(L)
     """),
+    Claim(
+        en="""
+        Top-k moves the tail's weight onto the kept keys: the difference is **never negative** on
+        the selection and **never positive** anywhere else.
+        """,
+        zh="""
+        Top-k 把尾部的权重挪到了保留的键上：差值在被选中的位置 **从不为负**，在其他位置 **从不为正**。
+        """,
+        check="""
+        assert (difference[picked] > -1e-6).all() and (difference[~picked] <= 0).all()
+        """,
+    ),
     Md(
         en="""
         Structure is what makes top-k work. With random q and k, attention is spread thin and the
@@ -125,7 +137,7 @@ CELLS = [
         ## 2. Streaming over key chunks
 
         Done naively, top-k attention builds the whole (Lq × Lk) score matrix and then selects,
-        so it needs as much memory as dense attention. `topk_attention(..., chunk_size=C)` instead
+        so its memory grows with Lq × Lk, like dense attention's. `topk_attention(..., chunk_size=C)` instead
         scores one block of queries against one **chunk** of keys at a time and merges each tile
         into a running top-k (`StreamingTopK`, chapter 1). The answer does not change, with or
         without a **causal** mask. (One caveat: when several keys have exactly the same score at the
@@ -133,7 +145,7 @@ CELLS = [
         have no such ties.)
         """,
         zh="""
-        朴素的 Top-k 注意力先构造完整的 (Lq × Lk) 得分矩阵再做选择，所需内存和稠密注意力一样多。
+        朴素的 Top-k 注意力先构造完整的 (Lq × Lk) 得分矩阵再做选择，其内存和稠密注意力一样随 Lq × Lk 增长。
         `topk_attention(..., chunk_size=C)` 则每次只让一块查询与一个键的 **分块** 计算得分，并把每个小块
         合并进滚动的 Top-k（`StreamingTopK`，见第 1 章）。无论是否使用 **因果** 掩码，结果都不变。
         （需要注意：若有几个键的得分在第 k 位恰好相等，保留其中哪一个是任意的，和 `torch.topk` 一样；
@@ -214,7 +226,7 @@ CELLS = [
             qn, kn, vn = synthetic_qkv("random", heads=2, length=n, head_dim=32, seed=0)
             runs = {"dense": lambda: dense_attention(qn, kn, vn),
                     "all_scores": lambda: topk_attention(qn, kn, vn, 16),
-                    "streamed": lambda: topk_attention(qn, kn, vn, 16, chunk_size=128)}
+                    "streamed": lambda: topk_attention(qn, kn, vn, 16, chunk_size=256)}
             mem += [dict(seq_len=n, method=name, peak_mib=peak_mib(fn)) for name, fn in runs.items()]
         mem = pd.DataFrame(mem)
         peaks = mem.pivot(index="seq_len", columns="method", values="peak_mib")
@@ -222,7 +234,7 @@ CELLS = [
     """),
     Code("""
         names = {"dense": tr("dense", "稠密"), "all_scores": tr("top-k, all scores", "Top-k，全部得分"),
-                 "streamed": tr("top-k, streamed (C = 128)", "Top-k，流式 (C = 128)")}
+                 "streamed": tr("top-k, streamed (C = 256)", "Top-k，流式 (C = 256)")}
         viz.scaling_plot(mem, x="seq_len", y="peak_mib", spread=None, color="method", names=names,
                          title=tr("Peak memory of the tensors each approach holds (H = 2, D = 32, k = 16)",
                                   "各做法持有张量的峰值内存（H = 2，D = 32，k = 16）"),

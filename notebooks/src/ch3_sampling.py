@@ -40,7 +40,7 @@ CELLS = [
 
 
         # A flat pattern: every key keeps a share of the mass, the hard case for any budget.
-        q, k, v = synthetic_qkv("flat", heads=2, length=256, head_dim=32, seed=0)
+        q, k, v = synthetic_qkv("flat", heads=1, length=256, head_dim=32, seed=0)
         ref = dense_attention(q, k, v)
 
 
@@ -53,13 +53,14 @@ CELLS = [
         ## 1. Bias and variance, measured
 
         Run each method 16 times with different random seeds, at a budget of 16 keys per query.
-        For each, compare the error of one run with the error of the *average* of the 16 outputs.
+        For each, compare the **relative error** against **dense attention** of one run with that of
+        the *average* of the 16 outputs.
         """,
         zh="""
         ## 1. 实测偏差与方差
 
-        在每个查询 16 个键的预算下，用 16 个不同的随机种子把每种方法各运行 16 次。比较单次运行的误差与
-        16 个输出 *取平均* 后的误差。
+        在每个查询 16 个键的预算下，用 16 个不同的随机种子把每种方法各运行 16 次。比较单次运行相对于
+        **稠密注意力** 的 **相对误差** 与 16 个输出 *取平均* 后的相对误差。
         """,
     ),
     Code("""
@@ -119,19 +120,19 @@ CELLS = [
         ## 2. Which wins at a fixed budget?
 
         One run is what a model gets, so compare single runs at equal budgets. `budget_sweep` runs
-        each method at each budget (sampling over 4 seeds) on a retrieval pattern: each query
+        each method at each budget (sampling over 3 seeds) on a retrieval pattern: each query
         matches 3 keys, and the rest of its mass is spread over the tail. The hybrid spends half
         the budget on exact top keys and samples the other half from the tail.
         """,
         zh="""
         模型拿到的只是一次运行，所以在相同预算下比较单次运行。`budget_sweep` 在检索模式上对每种方法、
-        每个预算各运行一次（采样方法取 4 个种子）：每个查询与 3 个键匹配，其余质量分散在尾部。混合方法
+        每个预算各运行一次（采样方法取 3 个种子）：每个查询与 3 个键匹配，其余质量分散在尾部。混合方法
         把一半预算用于精确的最高分键，另一半用于从尾部采样。
         """,
     ),
     Code("""
-        qr, kr, vr = synthetic_qkv("retrieval", heads=2, length=256, head_dim=32, seed=0, strength=6.0)
-        sweep = budget_sweep(qr, kr, vr, ["topk", "hybrid", "sampled:uniform"], [8, 16, 32, 64], seeds=range(4))
+        qr, kr, vr = synthetic_qkv("retrieval", heads=1, length=256, head_dim=32, seed=0, strength=6.0)
+        sweep = budget_sweep(qr, kr, vr, ["topk", "hybrid", "sampled:uniform"], [8, 16, 32], seeds=range(3))
         names = {"topk": tr("top-k", "Top-k"), "hybrid": tr("hybrid (top-k + sampled tail)", "混合（Top-k + 尾部采样）"),
                  "sampled:uniform": tr("importance sampling (uniform)", "重要性采样（均匀）")}
         viz.budget_curve(sweep, x="budget", y="error_mean", color="method", names=names, lang=LANG).show()
@@ -155,15 +156,13 @@ CELLS = [
     ),
     Md(
         en="""
-        So why sample at all? Because top-k's error never averages out and grows with the tail's
-        mass, while a sampled estimate is consistent: with enough samples it converges to dense
-        attention, and its error can be estimated from the samples themselves. Which one wins
-        depends on how much mass the tail holds, which is what the exercises explore.
+        So why sample at all? Because top-k's error never averages out, while a sampled estimate
+        is consistent: its error keeps shrinking as the samples grow (section 1). Which one wins at
+        a given budget depends on how much mass the tail holds, which is what the exercises explore.
         """,
         zh="""
-        那为什么还要采样？因为 Top-k 的误差永远不会被平均掉，并且随尾部质量增大而增大；而采样估计是一致的：
-        样本足够多时它收敛到稠密注意力，其误差还能从样本本身估计出来。谁更好取决于尾部有多少质量，
-        这正是练习要探究的。
+        那为什么还要采样？因为 Top-k 的误差永远不会被平均掉，而采样估计是一致的：样本越多，误差越小
+        （见第 1 节）。在给定预算下谁更好，取决于尾部有多少质量，这正是练习要探究的。
         """,
     ),
     Exercises(

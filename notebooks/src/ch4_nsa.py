@@ -84,14 +84,15 @@ CELLS = [
 
         Run all three branches with equal gates and ask for the maps each one used. The
         compressed weights rank the blocks; each query keeps its top 4 blocks of 16 tokens, a
-        quarter of the keys. How much of the dense attention mass do those blocks hold, compared
-        with the best 4 blocks a query could have picked if it had seen every score?
+        quarter of the keys. What share of the dense attention mass do those blocks hold (their
+        **mass kept**), compared with the best 4 blocks a query could have picked if it had seen
+        every score?
         """,
         zh="""
         ## 2. 选择
 
         用相等的门控系数运行三个分支，并取出每个分支实际使用的注意力图。压缩分支的权重给各块排序；每个查询
-        保留得分最高的 4 个块、每块 16 个词元，即四分之一的键。这些块保留了多少稠密注意力质量？
+        保留得分最高的 4 个块、每块 16 个词元，即四分之一的键。这些块占了多少稠密注意力质量（即 **保留的注意力质量**）？
         与看过全部得分之后能选出的最好的 4 个块相比又如何？
         """,
     ),

@@ -108,12 +108,11 @@ CELLS = [
     ),
     Md(
         en="""
-        The grid shows the 12 heads of layer 1 on one colour scale. Several heads send most of
-        their weight to the first and last columns: the special tokens `[CLS]` and `[SEP]`.
+        The grid shows the 12 heads of layer 1 on one colour scale. Look at the first and last
+        columns: the special tokens `[CLS]` and `[SEP]`.
         """,
         zh="""
-        下面的网格在同一色标上显示第 1 层的 12 个注意力头。有几个头把大部分权重投向第一列和最后一列：
-        即特殊词元 `[CLS]` 和 `[SEP]`。
+        下面的网格在同一色标上显示第 1 层的 12 个注意力头。请看第一列和最后一列：即特殊词元 `[CLS]` 和 `[SEP]`。
         """,
     ),
     Code("""
@@ -122,15 +121,18 @@ CELLS = [
     """),
     Claim(
         en="""
-        These "attention sinks" are real: in every middle layer (1 to 4), `[CLS]` and `[SEP]`,
-        2 tokens out of 29, receive **more than a third** of all attention mass.
+        These "attention sinks" are real: in layer 1, **at least 3** heads give `[CLS]` and `[SEP]`
+        more than half of their mass, and in every middle layer (1 to 4) these 2 tokens out of 29
+        receive **more than a third** of all attention mass.
         """,
         zh="""
-        这种"注意力汇聚点"确实存在：在每个中间层（第 1 到 4 层），`[CLS]` 和 `[SEP]` 这 29 个词元中的
-        2 个获得了全部注意力质量的 **三分之一以上**。
+        这种"注意力汇聚点"确实存在：在第 1 层，**至少有 3 个** 注意力头把一半以上的质量给了 `[CLS]` 和
+        `[SEP]`；在每个中间层（第 1 到 4 层），这 29 个词元中的 2 个获得了全部注意力质量的 **三分之一以上**。
         """,
         check="""
         assert L == 29 and tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
+        sink_heads = int((weights[1][..., [0, L - 1]].sum(-1).mean(-1) > 0.5).sum())
+        assert sink_heads >= 3, sink_heads
         assert (by_layer.mass_on_CLS_and_SEP[1:5] > 1 / 3).all(), by_layer.mass_on_CLS_and_SEP
         """,
     ),
