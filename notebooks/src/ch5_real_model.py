@@ -93,17 +93,21 @@ CELLS = [
     ),
     Claim(
         en="""
-        It depends on the **head** even more: in layer 0 one head puts 90% of **every** query's
-        mass on a single key, while the densest head of that layer needs **more than 20** keys on
+        It depends on the **head** even more. In layer 0, head 2 is a *previous-token head*: every
+        query puts **over 99%** of its mass on the token just before it (the first token on
+        itself), so top-1 would do. The densest head of that layer needs **more than 20** keys on
         average.
         """,
         zh="""
-        它更依赖于 **注意力头**：在第 0 层，有一个头把 **每一个** 查询 90% 的质量都放在单个键上，
-        而同一层最稠密的头平均需要 **超过 20 个** 键。
+        它更依赖于 **注意力头**。第 0 层的第 2 个头是一个 *前一词元头*：每个查询都把 **99% 以上** 的质量
+        放在紧挨着它的前一个词元上（第一个词元放在自己身上），所以 Top-1 就够了。而同一层最稠密的头平均
+        需要 **超过 20 个** 键。
         """,
         check="""
-        assert (k90[0] == 1).all(dim=-1).any()
-        assert by_layer.densest_head_keys[0] > 20
+        previous = torch.arange(L).sub(1).clamp(min=0)
+        assert torch.equal(weights[0][2].argmax(-1), previous)
+        assert weights[0][2].max(-1).values.min() > 0.99
+        assert (k90[0, 2] == 1).all() and by_layer.densest_head_keys[0] > 20
         """,
     ),
     Md(
