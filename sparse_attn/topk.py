@@ -161,8 +161,14 @@ class StreamingTopK:
     def update(self, chunk: torch.Tensor, offset: int, indices: torch.Tensor | None = None) -> None:
         """Merge a chunk of candidates; ``indices`` defaults to ``offset + arange(C)``."""
         if indices is None:
-            idx = torch.arange(offset, offset + chunk.shape[-1], device=chunk.device)
-            indices = idx.expand_as(chunk)
+            if chunk.shape[-1] > self.k:
+                # Reduce the chunk to its own top-k first: the merge then sorts
+                # 2k candidates, not k + C, and no (..., C) index tensor is built.
+                chunk, indices = torch.topk(chunk, self.k, dim=-1, largest=self.largest, sorted=False)
+                indices = indices + offset
+            else:
+                idx = torch.arange(offset, offset + chunk.shape[-1], device=chunk.device)
+                indices = idx.expand_as(chunk)
         if self.values is not None:
             chunk = torch.cat([self.values, chunk], dim=-1)
             indices = torch.cat([self.indices, indices], dim=-1)
