@@ -6,6 +6,7 @@ Executing them is the point: every claim in the prose is followed by an
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import subprocess
 import sys
@@ -23,8 +24,10 @@ LANGS = ("en", "zh")
 PER_NOTEBOOK_LIMIT_S = 30.0
 WORKERS = 2
 
-sys.path.insert(0, str(NB))
-import build  # noqa: E402  (notebooks/build.py)
+# Loaded by path under its own name: "build" is also the name of a packaging tool.
+_spec = importlib.util.spec_from_file_location("notebooks_build", BUILD)
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
 
 CHAPTERS = build.load_chapters()
 SLUGS = [ch.SLUG for ch in CHAPTERS]
