@@ -36,7 +36,7 @@ def p95(xs: list[float]) -> float:
 def measure(page, url: str, L: int, repeats: int, warmup: int = 2) -> list[float]:
     page.goto(f"{url}/?L={L}")
     wait_idle(page, 180_000)
-    sig = wait_for_plot(page, 180_000)
+    sig = wait_for_plot(page, timeout=180_000)
     slider = page.get_by_role("slider", name=t("setting.top_k", "en"))
     times = []
     for i in range(warmup + repeats):
