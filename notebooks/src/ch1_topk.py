@@ -191,12 +191,12 @@ CELLS = [
     """),
     Claim(
         en="""
-        Every streamed result equals `torch.topk`, and a row holds exactly k + C values at most.
+        Every streamed result equals `torch.topk`, and a row never holds more than k + C values.
         With k = 64 and C = 256 that is **more than 25x** fewer values than the full row; with
         k = 4096 the saving drops **below 2x**, and with C = L there is **none**.
         """,
         zh="""
-        每次流式计算的结果都与 `torch.topk` 相同，每行最多恰好持有 k + C 个值。k = 64、C = 256 时，
+        每次流式计算的结果都与 `torch.topk` 相同，每行持有的值从不超过 k + C 个。k = 64、C = 256 时，
         持有的值比整行少 **25 倍以上**；k = 4096 时节省 **不到 2 倍**；C = L 时 **毫无节省**。
         """,
         check="""

@@ -49,6 +49,15 @@ CELLS = [
         L = len(tokens)
         print(L, "tokens:", " ".join(tokens))
     """),
+    Claim(
+        en="The model has **6** layers of **12** heads with head dimension **32**, and reads the sentence as **29** tokens, `[CLS]` first and `[SEP]` last.",
+        zh="该模型有 **6** 层、每层 **12** 个注意力头，头维度 **32**；这句话被读成 **29** 个词元，首个是 `[CLS]`，末个是 `[SEP]`。",
+        check="""
+        assert layers[0].meta["num_layers"] == len(layers) == 6
+        assert all(x.q.shape == (1, 12, 29, 32) for x in layers)
+        assert L == 29 and tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
+        """,
+    ),
     Md(
         en="""
         ## 1. Keys needed for 90% of the mass
@@ -134,7 +143,6 @@ CELLS = [
         `[SEP]`；在每个中间层（第 1 到 4 层），这 29 个词元中的 2 个获得了全部注意力质量的 **三分之一以上**。
         """,
         check="""
-        assert L == 29 and tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
         sink_heads = int((weights[1][..., [0, L - 1]].sum(-1).mean(-1) > 0.5).sum())
         assert sink_heads >= 3, sink_heads
         assert (by_layer.mass_on_CLS_and_SEP[1:5] > 1 / 3).all(), by_layer.mass_on_CLS_and_SEP
@@ -144,13 +152,13 @@ CELLS = [
         en="""
         ## 2. Top-k on a real head
 
-        Keep 8 keys per query (28% of the tokens) in layer 2 and look at what is lost, with the
+        Keep 8 keys per query (8 of the 29 tokens) in layer 2 and look at what is lost, with the
         tokens on the axes of the **heatmap**s.
         """,
         zh="""
         ## 2. 真实注意力头上的 Top-k
 
-        在第 2 层为每个查询保留 8 个键（占词元的 28%），并在以词元标注坐标轴的 **热力图** 上查看丢失了什么。
+        在第 2 层为每个查询保留 8 个键（29 个词元中的 8 个），并在以词元标注坐标轴的 **热力图** 上查看丢失了什么。
         """,
     ),
     Code("""
@@ -166,8 +174,8 @@ CELLS = [
     """),
     Claim(
         en="""
-        In layer 2, top-8 keeps **over 85%** of the **mass kept** on average across heads, but its worst
-        head keeps **under 75%**: one k for all heads is too much for some and too little for others.
+        In layer 2, top-8's **mass kept**, averaged over heads, is **over 85%**, but its worst head
+        keeps **under 75%**: one k for all heads is too much for some and too little for others.
         """,
         zh="""
         在第 2 层，Top-8 在各注意力头上平均的 **保留的注意力质量** **超过 85%**，但最差的头 **不到 75%**：

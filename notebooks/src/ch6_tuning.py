@@ -11,15 +11,15 @@ CELLS = [
         en="""
         Two settings decide how top-k attention behaves: **k**, which sets what it keeps (quality),
         and the **chunk** size C, which sets how it runs (memory and speed, chapter 2). Pick k from
-        quality first, then time the chunk sizes on the machine you will use. Every time below is
-        the median of several runs, measured with `sparse_attn.bench.time_fn`
+        quality first, then time the chunk sizes on the machine you will use. Timings below are the
+        median and the fastest of at least five runs, measured with `sparse_attn.bench.time_fn`
         (`torch.utils.benchmark`, which warms up and synchronises the GPU); your numbers will differ
         from anyone else's, which is the point.
         """,
         zh="""
         有两个设置决定 Top-k 注意力的表现：**k** 决定保留什么（质量），**分块** 大小 C 决定怎样运行
-        （内存和速度，见第 2 章）。先根据质量选定 k，再在你要用的机器上为各个分块大小计时。下面的每个
-        时间都是多次运行的中位数，由 `sparse_attn.bench.time_fn` 测得（基于 `torch.utils.benchmark`，
+        （内存和速度，见第 2 章）。先根据质量选定 k，再在你要用的机器上为各个分块大小计时。下面的时间是
+        至少五次运行的中位数和最快值，由 `sparse_attn.bench.time_fn` 测得（基于 `torch.utils.benchmark`，
         它会预热并同步 GPU）；你的数字会和别人的不同，这正是要点所在。
         """,
     ),
