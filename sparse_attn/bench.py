@@ -453,8 +453,9 @@ def write_results(rows: list[dict], stem: str, *, html: bool = True) -> list[str
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     if html:
         try:
+            page = report_html(rows, meta)  # before opening the file: no empty page without plotly
             with open(f"{stem}.html", "w") as f:
-                f.write(report_html(rows, meta))
+                f.write(page)
             paths.append(f"{stem}.html")
         except ImportError:
             print("plotly is not installed: no HTML report (run `python -m sparse_attn.bench report "
