@@ -201,3 +201,29 @@ def test_png_export_renders_chinese_labels_through_chromium():
 
     png = export.png(viz.heatmap(torch.rand(8, 8), lang="zh"), scale=1.0)
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+def test_a_failing_computation_breaks_only_its_panel(monkeypatch):
+    from sparse_attn.ui import compute
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(compute, "view", boom)
+    at = run_app(lang="zh")
+    ok(at)
+    [err] = at.error
+    assert err.value.startswith(t("err.unexpected", "zh", detail="X").split("（")[0]) and "injected fault" in err.value
+    assert len(at.tabs) == 4 and at.sidebar.slider(key="k").value == 32
+
+
+def test_timing_sweep_stops_at_its_time_budget_and_locks_are_shared():
+    from sparse_attn.ui import speed, state
+
+    s = {key: spec.default for key, spec in state.specs().items()} | {"H": 1, "D": 16}
+    df, cancelled = speed.run_sweep(s, [64], 0.0, "en")
+    assert cancelled and df.empty
+    df, cancelled = speed.run_sweep(s, [64, 128], 60.0, "en", min_run_time=0.01)
+    assert not cancelled and len(df) == 2 * len(speed.timed_methods(s))
+    assert (df["median_ms"] > 0).all() and (df["runs"] >= 3).all()
+    assert speed.device_locks() is speed.device_locks() and set(speed.device_locks()) == set(state.devices())

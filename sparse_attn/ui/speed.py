@@ -39,6 +39,19 @@ def timed_methods(s: dict) -> list[str]:
     return keys
 
 
+def _peak_bytes(fn, device: str) -> float:
+    """Peak memory one call allocates beyond what was already held; measured on CUDA only (NaN elsewhere)."""
+    if not device.startswith("cuda"):
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        fn()
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated() - base)
+
+
 def run_sweep(s: dict, lengths, budget_s: float, lang: str, progress=None, min_run_time: float = 0.05):
     """Rows (method, seq_len, median_ms, iqr_ms, runs, memory_est) and whether the time budget stopped it."""
     rows, cancelled = [], False
@@ -60,12 +73,13 @@ def run_sweep(s: dict, lengths, budget_s: float, lang: str, progress=None, min_r
                 need = check_budget(key, shape_of(q, k, v), cfg, q.element_size(), with_view=False)
             except BudgetError:
                 rows.append(dict(method=key, seq_len=L, median_ms=float("nan"), iqr_ms=float("nan"), runs=0,
-                                 memory_est=float("nan")))
+                                 memory_est=float("nan"), memory_peak=float("nan")))
                 continue
             with torch.no_grad():
                 timing = time_fn(lambda: m.forward(q, k, v, cfg), device=s["device"], min_run_time=min_run_time, min_runs=3)
             rows.append(dict(method=key, seq_len=L, median_ms=timing.median * 1e3, iqr_ms=timing.iqr * 1e3,
-                             runs=timing.runs, memory_est=m.cost(shape_of(q, k, v), cfg, q.element_size()).memory_bytes))
+                             runs=timing.runs, memory_est=m.cost(shape_of(q, k, v), cfg, q.element_size()).memory_bytes,
+                             memory_peak=_peak_bytes(lambda: m.forward(q, k, v, cfg), s["device"])))
             if progress is not None:
                 progress.progress(done / steps, text=t("speed.progress", lang, method=t(f"method.{key}", lang), L=L))
         if cancelled:
@@ -115,6 +129,7 @@ def render(s: dict, lang: str) -> None:
         "method": t("budget.col_method", lang), "seq_len": t("setting.seq_len", lang),
         "median_ms": t("speed.col_median", lang), "iqr_ms": t("speed.col_iqr", lang),
         "runs": t("speed.col_runs", lang), "memory_est": t("speed.col_memory", lang),
+        "memory_peak": t("speed.col_peak", lang),
     })
     st.dataframe(table, hide_index=True)
     c1, c2 = st.columns(2)
