@@ -6,6 +6,7 @@ Executing them is the point: every claim in the prose is followed by an
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib.util
 import os
 import subprocess
@@ -148,7 +149,9 @@ def test_every_notebook_runs_top_to_bottom(monkeypatch):
     # Two notebooks share two cores: one thread each, or their thread pools fight over both.
     monkeypatch.setenv("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
     paths = [NB / lang / f"{slug}.ipynb" for slug in SLUGS for lang in LANGS]
-    results = asyncio.run(_execute_all(paths))
+    # A fresh thread has no event loop, whatever other tests (a browser driver) left running in this one.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        results = pool.submit(asyncio.run, _execute_all(paths)).result()
     report = "\n".join(f"{p.relative_to(NB)}: {t:.1f} s" + (f"  FAILED: {e}" if e else "") for p, (t, e) in results.items())
     print(report)
     failed = {p: e for p, (_, e) in results.items() if e is not None}
