@@ -104,7 +104,8 @@ def test_changing_k_changes_the_sparse_map_and_the_metrics():
     assert at.query_params["k"] == "4"
 
 
-@pytest.mark.parametrize("query", [{}, {"method": "nsa"}, {"view": "explain"}])
+@pytest.mark.parametrize("query", [{}, {"method": "nsa"}, {"view": "explain"}, {"view": "speed"},
+                                   {"view": "budget", "L": 32, "H": 1}, {"source": "model"}])
 def test_language_switch_changes_every_visible_label(query):
     at = run_app(**query)
     en = visible_labels(at)

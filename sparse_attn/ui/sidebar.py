@@ -31,7 +31,9 @@ def render() -> dict:
         sb.select_slider(t("setting.head_dim", lang), state.HEAD_DIMS, key="D")
     elif ss["source"] == "model":
         sb.text_area(t("setting.text", lang), key="text", max_chars=inputs.MAX_TEXT_CHARS, help=t("help.text", lang))
-        sb.slider(t("setting.layer", lang), 0, 5, key="layer")
+        layers = inputs.model().num_layers
+        ss["layer"] = min(ss["layer"], layers - 1)
+        sb.slider(t("setting.layer", lang), 0, layers - 1, key="layer")
     else:
         f = sb.file_uploader(t("setting.file", lang), type=list(inputs.SUFFIXES), key="upload_file",
                              help=t("help.file", lang))
