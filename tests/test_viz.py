@@ -144,3 +144,12 @@ def test_curves_are_log_log():
     assert fig.layout.xaxis.title.text == t("viz.seq_len_axis", "zh")
     b = viz.budget_curve(df.rename(columns={"seq_len": "budget", "median_ms": "relative_error"}))
     assert len(b.data) == 2 and b.layout.xaxis.type == "log"
+
+
+def test_the_library_and_its_pictures_never_import_streamlit():
+    import subprocess
+    import sys
+
+    code = ("import sys, sparse_attn, sparse_attn.viz, sparse_attn.methods, sparse_attn.i18n; "
+            "assert 'streamlit' not in sys.modules, 'streamlit was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
