@@ -44,7 +44,7 @@ def test_build_reproduces_committed_notebooks():
     assert proc.returncode == 0, "run `python notebooks/build.py`:\n" + proc.stderr
 
 
-def test_check_notices_a_changed_notebook(tmp_path, monkeypatch):
+def test_check_notices_a_changed_notebook(monkeypatch, capsys):
     # The up-to-date test must be able to fail: corrupt one built file and --check must say so.
     target = NB / "en" / f"{SLUGS[0]}.ipynb"
     original = target.read_text(encoding="utf-8")
@@ -52,6 +52,7 @@ def test_check_notices_a_changed_notebook(tmp_path, monkeypatch):
     assert files[target] == original
     monkeypatch.setattr(build, "expected_files", lambda: {**files, target: original + " "})
     assert build.main(["--check"]) == 1
+    assert f"out of date: notebooks/en/{SLUGS[0]}.ipynb" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("lang", LANGS)
