@@ -52,7 +52,7 @@ def _peak_bytes(fn, device: str) -> float:
     return float(torch.cuda.max_memory_allocated() - base)
 
 
-def run_sweep(s: dict, lengths, budget_s: float, lang: str, progress=None, min_run_time: float = 0.05):
+def run_sweep(s: dict, lengths, budget_s: float, lang: str, progress=None, min_run_time: float = 0.1):
     """Rows (method, seq_len, median_ms, iqr_ms, runs, memory_est) and whether the time budget stopped it."""
     rows, cancelled = [], False
     methods = timed_methods(s)
@@ -122,6 +122,7 @@ def render(s: dict, lang: str) -> None:
     if df["median_ms"].isna().any():
         st.info(t("speed.skipped", lang))
     names = {key: t(f"method.{key}", lang) for key in df["method"].unique()}
+    names["topk"] = t("speed.topk_streaming", lang, chunk=result["settings"][4])
     fig = viz.scaling_plot(df.dropna(subset=["median_ms"]), names=names, lang=lang)
     st.plotly_chart(fig, key="speed_chart", config={"displaylogo": False})
     st.success(t("speed.done", lang, n=int(df["runs"].gt(0).sum())))
