@@ -155,13 +155,16 @@ if INTERPRETED:
         (1, 2, 1, 16, 70, 3, False, 16, "triton"),    # sorts in registers pick the threshold and the k
         (1, 1, 1, 16, 64, 2, True, 16, "triton"),
     ]
+    # (atomic append, fused gather) for each case above; the defaults are (False, "triton").
+    FUSED_OPTS = [(True, "triton"), (False, "torch"), (True, "torch"), (False, "triton"), (True, "triton"),
+                  (False, "triton")]
 
-    @pytest.mark.parametrize("case", FUSED_CASES)
-    def test_kernel_fused_topk_matches_topk_attention(case):
+    @pytest.mark.parametrize("case,opts", list(zip(FUSED_CASES, FUSED_OPTS)))
+    def test_kernel_fused_topk_matches_topk_attention(case, opts):
         B, H, Hkv, Lq, Lk, K, causal, C, select = case
         q, k, v = torch.randn(B, H, Lq, 16), torch.randn(B, Hkv, Lk, 16), torch.randn(B, Hkv, Lk, 8)
         out = topk_fused.fused_topk_attention(q, k, v, K, causal=causal, capacity=C, block_m=16, block_n=16,
-                                              query_chunk_size=7, select=select)
+                                              query_chunk_size=7, select=select, atomic=opts[0], gather=opts[1])
         ref = topk_attention(q.double(), k.double(), v.double(), K, causal=causal)
         assert out.shape == (B, H, Lq, 8) and not out.isnan().any()
         assert rel_err(out, ref) < 1e-5
@@ -186,6 +189,8 @@ if INTERPRETED:
             topk_fused.fused_topk_attention(q, q, q, 4, capacity=2)
         with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
             topk_fused.fused_topk_attention(q.double(), q.double(), q.double(), 2)
+        with pytest.raises(ValueError, match="gather must be 'triton' or 'torch'"):
+            topk_fused.fused_topk_attention(q, q, q, 2, gather="numpy")
 
 
 def test_dispatch_stays_on_torch_for_cpu(monkeypatch):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..attention import topk_attention
+from ..attention import gather_kv, topk_attention
 from ..bench import time_fn
 from .. import nsa as nsa_mod
 from ..nsa import _selected_reference, nsa_attention, selected_token_mask
@@ -194,6 +194,7 @@ def selected_table(cfg, lengths=(2048, 4096, 8192, 10240, 12288, 16384, 32768, 6
 
 
 def nsa_table(lengths=(8192, 16384, 32768, 65536)):
+    """Whole NSA (three branches, the Triton selected branch by dispatch), as nsa_attention runs it."""
     B, H, Hkv, D = 1, 64, 4, 128
     kw = dict(gates=(1 / 3, 1 / 3, 1 / 3), sliding_window_size=512, compress_block_size=32,
               compress_block_sliding_stride=16, selection_block_size=64, num_selected_blocks=16, causal=True)
@@ -218,19 +219,71 @@ def topk_table():
             _guard("topk", {**lab, "method": "full_topk"}, lambda: _timed(lambda: topk_attention(q, k, v, K)))
             _guard("topk", {**lab, "method": "streaming_topk", "chunk_size": 1024},
                    lambda: _timed(lambda: topk_attention(q, k, v, K, chunk_size=1024)))
-            _guard("topk", {**lab, "method": "prefilter_topk", "segment": 8, "query_chunk_size": 1024},
-                   lambda: _timed(lambda: prefilter_topk_attention(q, k, v, K, segment=8, query_chunk_size=1024)))
-        configs = [(64, 64, 4, 2)]
+        configs = [{}]  # the defaults: prefix-sum append, Triton select and gather, block_n from L
         if L == 16384:
-            configs += [(128, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3),
-                        (32, 64, 4, 2)]
-        for bm, bn, w, st in configs:
-            cfg = {"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st}
-            row = _guard("topk", {**lab, "method": "fused_topk", **cfg},
-                         lambda cfg=cfg: _timed(lambda: topk_fused.fused_topk_attention(q, k, v, K, **cfg)))
+            configs += [{"atomic": True}, {"gather": "torch"}, {"num_stages": 3}]
+        for cfg in configs:
+            _guard("topk", {**lab, "method": "fused_topk", **cfg},
+                   lambda cfg=cfg: _timed(lambda: topk_fused.fused_topk_attention(q, k, v, K, **cfg)))
             RESULTS["sections"]["topk"][-1]["overflow_rows"] = topk_fused.last_overflow_rows
+        if L == 16384:
+            fused_stages(q, k, v, K)
         del q, k, v
         torch.cuda.empty_cache()
+
+
+def fused_stages(q, k, v, K, bm=64, bn=64):
+    """Each stage of fused_topk_attention timed alone (same calls as the function makes)."""
+    import triton
+
+    tf = topk_fused
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    C = max(4 * K, 128)
+    n_seg = triton.cdiv(L, bn)
+    common = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, CAUSAL=False, PRECISION="tf32",
+                  num_warps=4, num_stages=2)
+    grid = (triton.cdiv(L, bm), B * H)
+    strides = (*q.stride(), *k.stride())
+    seg = torch.full((B * H, L, n_seg), float("-inf"), device="cuda")
+    tau = torch.empty((B * H, L), device="cuda")
+    cv = torch.full((B * H, L, C), float("-inf"), device="cuda")
+    ci = torch.full((B * H, L, C), -1, dtype=torch.int32, device="cuda")
+    cnt = torch.empty((B * H, L), dtype=torch.int32, device="cuda")
+    vals = torch.empty((B * H, L, K), device="cuda")
+    idx = torch.empty((B * H, L, K), dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    n_rows = B * H * L
+    stages = {
+        "1 segment maxima (Triton)": lambda: tf._segment_max[grid](q, k, seg, *strides, H, H // Hkv, L, L, n_seg,
+                                                                   **common),
+        "2 threshold: k-th segment max (Triton sort)": lambda: tf._kth_largest[(triton.cdiv(n_rows, 16),)](
+            seg, tau, n_rows, n_seg, K, BLOCK_R=16, BLOCK_C=tf._pow2(n_seg), num_warps=4),
+        "2 threshold: k-th segment max (torch.topk)": lambda: seg.topk(K, dim=-1, sorted=False).values.amin(-1),
+        "3 collect candidates (Triton, prefix sum)": lambda: tf._collect[grid](
+            q, k, tau, cv, ci, cnt, *strides, H, H // Hkv, L, L, C, ATOMIC=False, **common),
+        "4 pick k of the candidates (Triton sort)": lambda: tf._pick_k[(triton.cdiv(n_rows, 16),)](
+            cv, ci, vals, idx, n_rows, C, K, BLOCK_R=16, BLOCK_C=tf._pow2(C), num_warps=4),
+        "4 pick k of the candidates (torch.topk)": lambda: cv.topk(K, dim=-1),
+        "3 collect candidates (Triton, atomic append)": lambda: (cnt.zero_(), tf._collect[grid](
+            q, k, tau, cv, ci, cnt, *strides, H, H // Hkv, L, L, C, ATOMIC=True, **common)),
+        "5 softmax and gather (Triton)": lambda: tf._softmax_gather[(triton.cdiv(n_rows, 32),)](
+            vals, idx, v, out, n_rows, L, H, H // Hkv, K, D ** -0.5, *v.stride(), *out.stride(),
+            V_DIM=v.shape[-1], BLOCK_R=32, BLOCK_K=K, BLOCK_DV=tf._pow2(v.shape[-1]), num_warps=4),
+        "5 softmax, gather values, weighted sum (torch)": lambda: torch.einsum(
+            "bhrs,bhrsd->bhrd", torch.softmax(vals.view(B, H, L, K), -1).to(v.dtype),
+            gather_kv(v, idx.view(B, Hkv, (H // Hkv) * L, K).long().clamp(min=0)).view(B, H, L, K, -1)),
+        "buffers: fill candidate slots": lambda: (cv.fill_(float("-inf")), ci.fill_(-1)),
+    }
+    tf._segment_max[grid](q, k, seg, *strides, H, H // Hkv, L, L, n_seg, **common)
+    tau.copy_(seg.topk(K, dim=-1, sorted=False).values.amin(-1))
+    tf._collect[grid](q, k, tau, cv, ci, cnt, *strides, H, H // Hkv, L, L, C, ATOMIC=False, **common)
+    tf._pick_k[(triton.cdiv(n_rows, 16),)](cv, ci, vals, idx, n_rows, C, K, BLOCK_R=16,
+                                            BLOCK_C=tf._pow2(C), num_warps=4)
+    _record("fused_stages", {"L": L, "candidates_mean": cnt.float().mean().item(),
+                             "candidates_max": cnt.max().item()})
+    for name, fn in stages.items():
+        _guard("fused_stages", {"L": L, "stage": name}, lambda fn=fn: _timed(fn))
 
 
 def nsa_parts(lengths=(16384, 65536)):
