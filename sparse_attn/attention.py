@@ -151,6 +151,13 @@ def topk_attention(
     kc = chunk_size or max(Lk, 1)
     qc = query_chunk_size or chunk_size or max(Lq, 1)
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.is_cuda and chunk_size is not None and not need_grad and not return_selection and Lq and Lk:
+        # On CUDA the streaming form runs as two fused Triton passes that keep
+        # the scores on chip (same result up to ties and rounding).
+        from .kernels.topk_fused import fused_topk_attention, triton_supports
+
+        if triton_supports(q):
+            return fused_topk_attention(q, k, v, top_k, causal=causal, scale=scale)
 
     qg = rearrange(q, "b (hk g) i d -> b hk g i d", hk=Hkv)
     outs, sel_idx, sel_w = [], [], []
