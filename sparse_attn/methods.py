@@ -112,6 +112,8 @@ class Method:
     # Another entry that selects exactly the same keys, faster on small inputs: pictures and
     # sweeps may run it instead (streaming top-k's chunk size changes speed and memory, never the result).
     same_result_as: str | None = None
+    # Extra (B, H, Lq, Lk) maps ``run`` holds beyond the weights and mask (NSA's per-branch maps).
+    picture_maps: int = 0
 
     def run_for_picture(self, q, k, v, cfg: Config) -> MethodResult:
         """``run`` through ``same_result_as`` when set, with this method's own cost estimate."""
@@ -349,7 +351,7 @@ def _nsa_run(q, k, v, cfg: Config) -> MethodResult:
 
 
 register(Method("nsa", _nsa_forward, _nsa_run, _nsa_cost, params=("block_size", "num_blocks", "window"),
-                budget_param="num_blocks", validate=_nsa_validate))
+                budget_param="num_blocks", validate=_nsa_validate, picture_maps=6))
 
 
 # ---- memory budget ---------------------------------------------------------------------------
@@ -376,6 +378,7 @@ def _total(method: Method, s: Shape, cfg: Config, itemsize: int, with_view: bool
     need = method.cost(s, cfg, itemsize).memory_bytes
     if with_view:
         need += METHODS["dense"].cost(s, cfg, itemsize).memory_bytes + estimate_view_memory(s)
+        need += method.picture_maps * s.B * s.H * s.Lq * s.Lk * itemsize
     need += s.B * (s.H * s.Lq * s.D + s.Hkv * s.Lk * (s.D + s.Dv)) * itemsize  # q, k, v themselves
     return need
 

@@ -228,3 +228,7 @@ def test_timing_sweep_stops_at_its_time_budget_and_locks_are_shared():
     assert not cancelled and len(df) == 2 * len(speed.timed_methods(s))
     assert (df["median_ms"] > 0).all() and (df["runs"] >= 3).all()
     assert speed.device_locks() is speed.device_locks() and set(speed.device_locks()) == set(state.devices())
+    # A point predicted (from the shorter ones) to overrun the budget is not started.
+    df, cancelled = speed.run_sweep(s, [64, 8192], 5.0, "en", min_run_time=0.01)
+    # Streaming top-k at L = 8192 (4096x the 64-point's work, about 0.5 ms there) cannot fit in 5 s: never started.
+    assert cancelled and not ((df["method"] == "topk") & (df["seq_len"] == 8192) & (df["runs"] > 0)).any()

@@ -125,6 +125,13 @@ def test_sampling_budget_beyond_length_costs_no_more_than_all_keys():
     assert check_budget("sampling", s, Config(num_samples=10**6), 4, budget_bytes=2**30) < 2**30
 
 
+def test_nsa_pictures_count_their_branch_maps():
+    s = shape_of(*_qkv(L=8))._replace(Lq=2048, Lk=2048)
+    with_maps = check_budget("nsa", s, Config(), 4, budget_bytes=2**40)
+    without = check_budget("nsa", s, Config(), 4, budget_bytes=2**40, with_view=False)
+    assert with_maps - without >= 6 * s.B * s.H * 2048 * 2048 * 4
+
+
 def test_dense_estimate_covers_the_real_weights():
     q, k, v = _qkv(L=64, dtype=torch.float32)
     cost = METHODS["dense"].cost(shape_of(q, k, v), Config(), 4)

@@ -26,8 +26,11 @@ def config(s: dict) -> Config:
                   seed=s["seed"])
 
 
-def qkv(s: dict, upload: bytes | None = None):
-    """Load the source and move it to the chosen device and dtype; refuse over-budget settings first."""
+def qkv(s: dict, upload: tuple[str, bytes] | None = None, *, with_view: bool = True):
+    """Load the source and move it to the chosen device and dtype; refuse over-budget settings first.
+
+    ``with_view`` counts the maps the picture needs (off for timing, which draws none).
+    """
     method = METHODS[s["method"]]
     cfg = config(s)
     if method.validate is not None:
@@ -37,9 +40,9 @@ def qkv(s: dict, upload: bytes | None = None):
     if s["source"] == "synthetic":
         # Refuse before anything is allocated; model and file inputs are checked once loaded (their size is bounded).
         planned = shape_of(*(torch.empty(1, s["H"], s["L"], s["D"], device="meta") for _ in range(3)))
-        check_budget(s["method"], planned, cfg, itemsize)
+        check_budget(s["method"], planned, cfg, itemsize, with_view=with_view)
     q, k, v, tokens, notes = inputs.load_qkv(s, upload)
-    check_budget(s["method"], shape_of(q, k, v), cfg, itemsize)
+    check_budget(s["method"], shape_of(q, k, v), cfg, itemsize, with_view=with_view)
     q, k, v = (x.to(s["device"], dtype) for x in (q, k, v))
     return q, k, v, tokens, notes
 

@@ -60,9 +60,11 @@ def run_sweep(s: dict, lengths, budget_s: float, lang: str, progress=None, min_r
     steps = len(lengths) * len(methods)
     start = time.perf_counter()
     done = 0
+    rate: dict[str, float] = {}  # seconds per estimated FLOP, per method, from the points measured so far
     for L in sorted(lengths):
         # Timings depend on shapes, not values: every source is timed on random q, k, v of its head count.
-        q, k, v, _, _ = compute.qkv({**s, "source": "synthetic", "pattern": "random", "L": L, "method": "dense"})
+        q, k, v, _, _ = compute.qkv({**s, "source": "synthetic", "pattern": "random", "L": L, "method": "dense"},
+                                    with_view=False)
         for key in methods:
             done += 1
             if time.perf_counter() - start > budget_s:
@@ -70,13 +72,21 @@ def run_sweep(s: dict, lengths, budget_s: float, lang: str, progress=None, min_r
                 break
             m = METHODS[key]
             try:
-                need = check_budget(key, shape_of(q, k, v), cfg, q.element_size(), with_view=False)
+                check_budget(key, shape_of(q, k, v), cfg, q.element_size(), with_view=False)
             except BudgetError:
                 rows.append(dict(method=key, seq_len=L, median_ms=float("nan"), iqr_ms=float("nan"), runs=0,
                                  memory_est=float("nan"), memory_peak=float("nan")))
                 continue
+            flops = m.cost(shape_of(q, k, v), cfg, q.element_size()).flops
+            # Lengths run shortest first, so a long point's cost is predicted from a short one:
+            # a run stops before a point that would overrun its budget, not minutes after.
+            predicted = 4 * flops * rate.get(key, 0.0)
+            if time.perf_counter() - start + predicted > budget_s:
+                cancelled = True
+                break
             with torch.no_grad():
                 timing = time_fn(lambda: m.forward(q, k, v, cfg), device=s["device"], min_run_time=min_run_time, min_runs=3)
+            rate[key] = max(rate.get(key, 0.0), timing.median / max(flops, 1.0))
             rows.append(dict(method=key, seq_len=L, median_ms=timing.median * 1e3, iqr_ms=timing.iqr * 1e3,
                              runs=timing.runs, memory_est=m.cost(shape_of(q, k, v), cfg, q.element_size()).memory_bytes,
                              memory_peak=_peak_bytes(lambda: m.forward(q, k, v, cfg), s["device"])))
