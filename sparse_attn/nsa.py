@@ -253,6 +253,22 @@ def selected_block_attention(q, k, v, block_indices, block_size, *, causal=False
     return _selected_impl(q, k, v, block_indices, block_size, causal, scale)
 
 
+def _compressed_fused(q, k, v, k_cmp, v_cmp, block_size, stride, selection_block_size, causal, scale):
+    """The fused Triton compressed branch, or None where it does not apply (CPU, autograd, no Triton).
+
+    Returns (out, importance) as nsa_attention's PyTorch path computes them for
+    a shared selection and overlap mapping (importance in float32).
+    """
+    if not q.is_cuda or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return None  # forward-only kernel: training and CPU calls take the reference
+    from .kernels.compressed import compressed_attention_triton, triton_supports
+
+    if not triton_supports(q, k_cmp, v_cmp):
+        return None
+    return compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, causal=causal, scale=scale,
+                                       selection_block_size=selection_block_size, num_keys=k.shape[2])
+
+
 def _selected_impl(q, k, v, block_indices, block_size, causal, scale, block_bias=None):
     """Where a faster backend for the selected branch plugs in (inputs already checked).
 
@@ -508,18 +524,29 @@ def nsa_attention(
     # compressed
     k_cmp = compress_kv(k, compress_block_size, stride, k_fn)
     v_cmp = compress_kv(v, compress_block_size, stride, v_fn)
-    out_cmp, p_cmp = compressed_attention(q, k_cmp, v_cmp, compress_block_size, stride, causal=causal, scale=scale)
+    fused = None
+    if (compress_fn is None and query_heads_share_selected_kv and not interpolated_importance_score
+            and not use_diff_topk and not return_maps):
+        fused = _compressed_fused(q, k, v, k_cmp, v_cmp, compress_block_size, stride, selection_block_size,
+                                  causal, scale)
+    if fused is not None:
+        # The kernel returns the group-summed importance itself; the (H, Lq, Nc) weights never exist.
+        out_cmp, importance = fused
+    else:
+        out_cmp, p_cmp = compressed_attention(q, k_cmp, v_cmp, compress_block_size, stride, causal=causal,
+                                              scale=scale)
 
     # selected: compressed weights -> selection-block importance -> top blocks
     Nc = k_cmp.shape[2]
-    M = importance_to_selection_blocks(Nc, compress_block_size, stride, selection_block_size, Lk,
-                                       interpolate=interpolated_importance_score, dtype=q.dtype, device=q.device)
-    if query_heads_share_selected_kv:
-        # Sum the group's weights before mapping them: the same value (the map is
-        # linear) for G times fewer multiplies; at L=65536 on an H200, 38 ms instead of 238.
-        importance = reduce(p_cmp, "b (hk g) i n -> b hk i n", "sum", hk=Hkv) @ M  # (B, Hkv, Lq, Nsel)
-    else:
-        importance = p_cmp @ M  # (B, H, Lq, Nsel)
+    if fused is None:
+        M = importance_to_selection_blocks(Nc, compress_block_size, stride, selection_block_size, Lk,
+                                           interpolate=interpolated_importance_score, dtype=q.dtype, device=q.device)
+        if query_heads_share_selected_kv:
+            # Sum the group's weights before mapping them: the same value (the map is
+            # linear) for G times fewer multiplies; at L=65536 on an H200, 38 ms instead of 238.
+            importance = reduce(p_cmp, "b (hk g) i n -> b hk i n", "sum", hk=Hkv) @ M  # (B, Hkv, Lq, Nsel)
+        else:
+            importance = p_cmp @ M  # (B, H, Lq, Nsel)
     block_indices = select_blocks(importance, num_selected_blocks, selection_block_size, causal=causal)
     bias = None
     if use_diff_topk and block_indices.shape[-1] > 0:

@@ -25,6 +25,7 @@ from ..attention import gather_kv, topk_attention
 from ..bench import time_fn
 from .. import nsa as nsa_mod
 from ..nsa import _selected_reference, nsa_attention, selected_token_mask
+from . import compressed as cmp_mod
 from . import topk_fused
 from .selected_block import selected_block_attention_triton
 from .topk_prefilter import prefilter_topk_attention
@@ -325,12 +326,138 @@ def nsa_parts(lengths=(16384, 65536)):
         torch.cuda.empty_cache()
 
 
+# --------------------------------------------------------------------------- fused compressed branch
+
+
+def _ref_compressed(q, k, v, cbs, stride, sbs, causal, scale):
+    """float64 compressed branch and group-summed, overlap-mapped importance (the PyTorch path, upcast)."""
+    from einops import reduce
+
+    kc, vc = nsa_mod.compress_kv(k.double(), cbs, stride), nsa_mod.compress_kv(v.double(), cbs, stride)
+    out, p = nsa_mod.compressed_attention(q.double(), kc, vc, cbs, stride, causal=causal, scale=scale)
+    M = nsa_mod.importance_to_selection_blocks(kc.shape[2], cbs, stride, sbs, k.shape[2], dtype=torch.float64,
+                                               device=q.device)
+    return out, reduce(p, "b (hk g) i n -> b hk i n", "sum", hk=k.shape[1]) @ M
+
+
+def correctness_compressed():
+    cases = [  # B, H, Hkv, L, D, Dv, cbs, stride, sbs
+        (1, 64, 4, 4096, 128, 128, 32, 16, 64),   # the benchmark's shape, shorter
+        (2, 12, 4, 1000, 64, 32, 16, 8, 48),      # G=3 (padded), Dv != D, selection block not a power of two
+        (1, 8, 8, 777, 128, 128, 32, 32, 64),     # G=1, no overlap between compressed blocks
+    ]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for causal in (True, False):
+            for B, H, Hkv, L, D, Dv, cbs, st, sbs in cases:
+                q = torch.randn(B, H, L, D, device="cuda", dtype=dtype)
+                k = torch.randn(B, Hkv, L, D, device="cuda", dtype=dtype)
+                v = torch.randn(B, Hkv, L, Dv, device="cuda", dtype=dtype)
+                scale = D ** -0.5
+                ref_out, ref_imp = _ref_compressed(q, k, v, cbs, st, sbs, causal, scale)
+                kc, vc = nsa_mod.compress_kv(k, cbs, st), nsa_mod.compress_kv(v, cbs, st)
+                out, imp = cmp_mod.compressed_attention_triton(q, kc, vc, cbs, st, causal=causal, scale=scale,
+                                                               selection_block_size=sbs, num_keys=L)
+                row = {"dtype": str(dtype).split(".")[-1], "causal": causal, "B": B, "H": H, "Hkv": Hkv, "L": L,
+                       "D": D, "Dv": Dv, "cbs": cbs, "stride": st, "sbs": sbs,
+                       "out_rel_err": _rel(out, ref_out), "imp_rel_err": _rel(imp, ref_imp),
+                       "nan": bool(out.isnan().any() or imp.isnan().any()),
+                       "zero_pattern_same": bool(((imp > 0) == (ref_imp > 0)).all())}
+                limit = 1e-4 if dtype == torch.float32 else 1e-2
+                row["pass"] = row["out_rel_err"] < limit and row["imp_rel_err"] < limit and not row["nan"] \
+                    and row["zero_pattern_same"]
+                _record("correctness_compressed", row)
+    # Whole NSA through the dispatch against float64 nsa_attention (PyTorch path, on the CPU).
+    kw = dict(gates=(0.3, 0.5, 0.2), sliding_window_size=128, compress_block_size=32,
+              compress_block_sliding_stride=16, selection_block_size=64, num_selected_blocks=8, causal=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(1, 16, 2048, 64, device="cuda", dtype=dtype)
+        k, v = (torch.randn(1, 2, 2048, 64, device="cuda", dtype=dtype) for _ in range(2))
+        with torch.no_grad():
+            out = nsa_attention(q, k, v, **kw)
+        ref = nsa_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), **kw)
+        _record("correctness_compressed", {"case": "nsa_attention dispatch vs float64 CPU", "dtype": str(dtype),
+                                           "rel_err": _rel(out.cpu(), ref), "nan": bool(out.isnan().any())})
+
+
+def tune_compressed(L=65536):
+    from triton.testing import do_bench
+
+    B, H, Hkv, D = 1, 64, 4, 128
+    q = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kc, vc = nsa_mod.compress_kv(k, 32, 16), nsa_mod.compress_kv(v, 32, 16)
+    configs = [dict(rows=r, block_n=n, num_warps=w, num_stages=st)
+               for r, n, w, st in ((128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2),
+                                   (128, 32, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2), (256, 64, 8, 2),
+                                   (128, 128, 8, 3))]
+    best = None
+    for cfg in configs:
+        try:
+            ms = do_bench(lambda: cmp_mod.compressed_attention_triton(q, kc, vc, 32, 16, causal=True,
+                                                                      selection_block_size=64, num_keys=L, **cfg),
+                          warmup=50, rep=300, return_mode="median")
+        except Exception as e:  # noqa: BLE001
+            _record("tune_compressed", {**cfg, "error": str(e).splitlines()[0][:200]})
+            continue
+        _record("tune_compressed", {**cfg, "L": L, "median_ms": ms})
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    if best is not None:
+        cmp_mod.DEFAULTS.update(best[1])  # the whole-NSA table below runs with the winner
+        RESULTS["best_compressed_config"] = best[1]
+
+
+def nsa_fused_table(lengths=(8192, 16384, 32768, 65536)):
+    """Whole NSA with the fused compressed branch, SDPA flash and cuDNN in the same process, and its parts."""
+    B, H, Hkv, D, cbs, st, sbs, S, win = 1, 64, 4, 128, 32, 16, 64, 16, 512
+    kw = dict(gates=(1 / 3, 1 / 3, 1 / 3), sliding_window_size=win, compress_block_size=cbs,
+              compress_block_sliding_stride=st, selection_block_size=sbs, num_selected_blocks=S, causal=True)
+    for L in lengths:
+        q = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        lab = {"L": L, **cmp_mod.DEFAULTS}
+        scale = D ** -0.5
+        with torch.no_grad():
+            for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                                  ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+                def run(backend=backend):
+                    with sdpa_kernel([backend]):
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                _guard("nsa_fused", {**lab, "method": name}, lambda run=run: _timed(run))
+            _guard("nsa_fused", {**lab, "method": "nsa_attention (fused compressed)"},
+                   lambda: _timed(lambda: nsa_attention(q, k, v, **kw), min_runs=5))
+            kc, vc = nsa_mod.compress_kv(k, cbs, st), nsa_mod.compress_kv(v, cbs, st)
+            _guard("nsa_fused", {**lab, "method": "part: compress_kv (k and v)"},
+                   lambda: _timed(lambda: (nsa_mod.compress_kv(k, cbs, st), nsa_mod.compress_kv(v, cbs, st))))
+            _guard("nsa_fused", {**lab, "method": "part: compressed kernel (out + importance)"},
+                   lambda: _timed(lambda: cmp_mod.compressed_attention_triton(
+                       q, kc, vc, cbs, st, causal=True, selection_block_size=sbs, num_keys=L)))
+            _guard("nsa_fused", {**lab, "method": "part: compressed kernel (out only)"},
+                   lambda: _timed(lambda: cmp_mod.compressed_attention_triton(q, kc, vc, cbs, st, causal=True)))
+            _, imp = cmp_mod.compressed_attention_triton(q, kc, vc, cbs, st, causal=True,
+                                                         selection_block_size=sbs, num_keys=L)
+            _guard("nsa_fused", {**lab, "method": "part: select_blocks"},
+                   lambda: _timed(lambda: nsa_mod.select_blocks(imp, S, sbs, causal=True)))
+            idx = nsa_mod.select_blocks(imp, S, sbs, causal=True)
+            _guard("nsa_fused", {**lab, "method": "part: selected (Triton)"},
+                   lambda: _timed(lambda: selected_block_attention_triton(q, k, v, idx, sbs, causal=True)))
+            _guard("nsa_fused", {**lab, "method": "part: sliding_window_attention"},
+                   lambda: _timed(lambda: nsa_mod.sliding_window_attention(q, k, v, win, causal=True, scale=scale)))
+            if L <= 16384:  # the PyTorch compressed path, for comparison (its memory grows as L^2)
+                _guard("nsa_fused", {**lab, "method": "part: compressed_attention (PyTorch)"},
+                       lambda: _timed(lambda: nsa_mod.compressed_attention(q, kc, vc, cbs, st, causal=True,
+                                                                           scale=scale), min_runs=3))
+        del q, k, v, kc, vc, imp, idx
+        torch.cuda.empty_cache()
+
+
 def _cudnn(q, k, v):
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-SECTIONS = ("correctness", "correctness_fused", "tune", "selected", "topk", "nsa", "nsa_parts")
+SECTIONS = ("correctness", "correctness_fused", "tune", "selected", "topk", "nsa", "nsa_parts",
+            "correctness_compressed", "tune_compressed", "nsa_fused")
 
 
 def main(argv=None):
@@ -349,7 +476,8 @@ def main(argv=None):
     torch.manual_seed(0)
     cfg = {"branch": False, "num_warps": 4, "num_stages": 2}  # the defaults, tuned on the first run
     steps = {"correctness": correctness, "correctness_fused": correctness_fused, "topk": topk_table,
-             "nsa": nsa_table, "nsa_parts": nsa_parts}
+             "nsa": nsa_table, "nsa_parts": nsa_parts, "correctness_compressed": correctness_compressed,
+             "tune_compressed": tune_compressed, "nsa_fused": nsa_fused_table}
     for name in sections:
         t0 = time.time()
         try:

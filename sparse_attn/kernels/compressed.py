@@ -1,0 +1,253 @@
+"""NSA's compressed branch and its selection-block importance as one Triton kernel.
+
+The PyTorch path (``sparse_attn.nsa.compressed_attention``) materialises the
+(H, Lq, Nc) scores and softmax weights, then sums them over each KV group and
+maps them onto selection blocks with a dense (Nc, Nsel) matrix: at L=65536
+that is 96 GiB and most of the forward's time. Here nothing of size Lq * Nc
+ever reaches memory.
+
+One program handles one (block of BLOCK_M query positions, KV group). It
+stacks the group's G query heads and its BLOCK_M positions into one
+(BLOCK_M * G, D) tile, so each compressed K/V tile is loaded once for all of
+them, and walks the compressed blocks twice:
+
+1. flash-style online softmax: the branch output, and each row's max and sum;
+2. the scores again, normalised with that max and sum into the exact softmax
+   weights, multiplied by the overlap matrix tile (the fraction of compressed
+   block c's tokens that lie in selection block s, built in registers), summed
+   over the group's heads, and added into the (B, Hkv, Lq, Nsel) importance.
+
+Only this program writes its rows of the importance, in loop order, so the
+adds are race-free and the result does not depend on scheduling. Causal: a
+compressed block is visible to query i once it has ended (its last token
+<= i); tiles past a query block's last visible compressed block are never
+visited. Programs run heaviest (latest) query blocks first.
+
+Contract (as ``compressed_attention`` followed by the group sum and
+``importance_to_selection_blocks(..., interpolate=False)`` in ``nsa.py``):
+    q (B, H, Lq, D); k_cmp (B, Hkv, Nc, D); v_cmp (B, Hkv, Nc, Dv), compressed
+    block c covering tokens [c * stride, c * stride + block_size). Returns out
+    (B, H, Lq, Dv) in q's dtype (zeros for a query that sees no compressed
+    block) and importance (B, Hkv, Lq, ceil(num_keys / selection_block_size))
+    in float32, 0 where no visible compressed block overlaps.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import check_int, resolve_scale
+
+__all__ = ["compressed_attention_triton", "triton_supports", "DEFAULTS"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+# Launch settings; gpu_bench's compressed section tunes them on the GPU and
+# docs/benchmarks.md records which won. ROWS = query positions x padded heads per program.
+DEFAULTS = {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
+
+try:  # Triton is optional: the PyTorch path runs everywhere.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where Triton is absent
+    triton = None
+
+
+def triton_supports(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> bool:
+    """True when the kernel can run these inputs: CUDA tensors of one dtype, fp16 / bf16 / fp32."""
+    return (
+        triton is not None
+        and q.is_cuda
+        and q.dtype in _DTYPES
+        and k_cmp.dtype == q.dtype == v_cmp.dtype
+        and k_cmp.device == q.device == v_cmp.device
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _compressed_fwd(
+        Q, KC, VC, O, IMP,
+        stride_qb, stride_qh, stride_qi, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_oi, stride_od,
+        stride_ib, stride_ih, stride_ii, stride_is,
+        Hkv, Lq, Nc, n_sel, cmp_stride, cmp_block, sel_block, qk_scale,
+        G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        CAUSAL: tl.constexpr, IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        ROWS: tl.constexpr = BLOCK_M * BLOCK_G
+        # Latest query blocks see the most compressed blocks: start them first.
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
+
+        # Row r is (query position r // BLOCK_G, head r % BLOCK_G of the group), so
+        # the group sum below is a reshape and a sum over the middle axis.
+        r = tl.arange(0, ROWS)
+        pos = pid_m * BLOCK_M + r // BLOCK_G
+        g = r % BLOCK_G
+        row_ok = (g < G) & (pos < Lq)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        offs_n = tl.arange(0, BLOCK_N)
+        d_ok = offs_d < HEAD_DIM
+        dv_ok = offs_dv < V_DIM
+
+        q = tl.load(Q + b * stride_qb + (hk * G + g)[:, None] * stride_qh + pos[:, None] * stride_qi
+                    + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = KC + b * stride_kb + hk * stride_kh
+        v_base = VC + b * stride_vb + hk * stride_vh
+
+        # Compressed blocks any row of this program may see.
+        n_vis = Nc
+        if CAUSAL:
+            last = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, Lq - 1)
+            # (Triton's // truncates towards zero: keep the numerator >= 0.)
+            n_vis = tl.where(last + 1 >= cmp_block, (tl.maximum(last + 1 - cmp_block, 0)) // cmp_stride + 1, 0)
+            n_vis = tl.minimum(n_vis, Nc)
+
+        # pass 1: output, row max and row sum
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_DV], tl.float32)
+        for c0 in range(0, n_vis, BLOCK_N):
+            cols = c0 + offs_n
+            c_ok = cols < n_vis
+            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=c_ok[None, :] & d_ok[:, None], other=0.0)
+            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            ok = c_ok[None, :]
+            if CAUSAL:
+                ok = ok & (cols[None, :] * cmp_stride + cmp_block - 1 <= pos[:, None])
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no visible block keeps m = -inf: shift by 0 there (no -inf - -inf).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                         mask=c_ok[:, None] & dv_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no visible block: acc is 0, so is the row
+        tl.store(O + b * stride_ob + (hk * G + g)[:, None] * stride_oh + pos[:, None] * stride_oi
+                 + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+
+        if IMPORTANCE:
+            # pass 2: exact softmax weights, mapped onto selection blocks, summed over the group
+            m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+            # Padded heads and rows past Lq get weight 0, so they add nothing to the group sum.
+            inv_l = tl.where(row_ok & (l_i > 0), 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+            offs_s = tl.arange(0, BLOCK_S)
+            pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            imp_base = IMP + b * stride_ib + hk * stride_ih + pos_m[:, None] * stride_ii
+            for c0 in range(0, n_vis, BLOCK_N):
+                cols = c0 + offs_n
+                c_ok = cols < n_vis
+                kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                             mask=c_ok[None, :] & d_ok[:, None], other=0.0)
+                s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+                ok = c_ok[None, :]
+                if CAUSAL:
+                    ok = ok & (cols[None, :] * cmp_stride + cmp_block - 1 <= pos[:, None])
+                p = tl.where(ok, tl.exp2(s - m_fin[:, None]), 0.0) * inv_l[:, None]
+                # Overlap of compressed block c (tokens [c*stride, c*stride + block)) with
+                # selection block s, over the compressed block size: the mapping matrix's tile.
+                s_first = (c0 * cmp_stride) // sel_block
+                sel = s_first + offs_s
+                tok = cols * cmp_stride
+                hi = tl.minimum(tok[:, None] + cmp_block, (sel[None, :] + 1) * sel_block)
+                lo = tl.maximum(tok[:, None], sel[None, :] * sel_block)
+                w = tl.where(c_ok[:, None], tl.maximum(hi - lo, 0).to(tl.float32) / cmp_block, 0.0)
+                part = tl.dot(p, w, input_precision=PRECISION)  # (ROWS, BLOCK_S)
+                part = tl.sum(tl.reshape(part, (BLOCK_M, BLOCK_G, BLOCK_S)), axis=1)
+                tl.atomic_add(imp_base + sel[None, :] * stride_is, part,
+                              mask=(pos_m < Lq)[:, None] & (sel < n_sel)[None, :], sem="relaxed")
+
+
+def _pow2(n: int, floor: int = 1) -> int:
+    return max(floor, 1 << max(n - 1, 0).bit_length())
+
+
+def compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, *, causal=False, scale=None,
+                                selection_block_size=None, num_keys=None, rows=None, block_n=None,
+                                num_warps=None, num_stages=None):
+    """Queries attend to compressed keys, and (optionally) the group-summed selection-block importance.
+
+    Args:
+        q: (B, H, Lq, D); k_cmp: (B, Hkv, Nc, D); v_cmp: (B, Hkv, Nc, Dv): tensors of one
+            dtype (float16 / bfloat16 / float32) on one device, H a multiple of Hkv.
+        block_size, stride: compressed block c covers tokens [c * stride, c * stride + block_size).
+        causal: query i sees compressed block c only once it has ended (c * stride + block_size - 1 <= i).
+        scale: default 1/sqrt(D).
+        selection_block_size, num_keys: when given, also return the importance of the
+            ceil(num_keys / selection_block_size) selection blocks: the softmax weights summed over
+            each KV group's query heads, shared out by overlap (``importance_to_selection_blocks``).
+        rows, block_n, num_warps, num_stages: launch tuning (``DEFAULTS``); results do not depend on them.
+
+    Returns:
+        out (B, H, Lq, Dv) in q's dtype, and importance (B, Hkv, Lq, Nsel) float32 (or None).
+        A query that sees no compressed block gets a zero row in both.
+    """
+    if triton is None:
+        raise RuntimeError("compressed_attention_triton needs Triton, which is not installed")
+    for name, t in (("q", q), ("k_cmp", k_cmp), ("v_cmp", v_cmp)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor (B, heads, length, dim), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    B, H, Lq, D = q.shape
+    _, Hkv, Nc, Dv = v_cmp.shape
+    if k_cmp.shape[:3] != v_cmp.shape[:3] or k_cmp.shape[0] != B or k_cmp.shape[3] != D or Hkv == 0 or H % Hkv:
+        raise ValueError(f"k_cmp must be (B, Hkv, Nc, D) = ({B}, Hkv, Nc, {D}) with v_cmp (B, Hkv, Nc, Dv) and H "
+                         f"({H}) a multiple of Hkv; got k_cmp {tuple(k_cmp.shape)}, v_cmp {tuple(v_cmp.shape)}")
+    if q.dtype not in _DTYPES or k_cmp.dtype != q.dtype or v_cmp.dtype != q.dtype:
+        raise TypeError(f"q, k_cmp, v_cmp must share one dtype among float16, bfloat16, float32; got "
+                        f"{q.dtype}, {k_cmp.dtype}, {v_cmp.dtype}")
+    check_int(block_size, "block_size", minimum=1)
+    check_int(stride, "stride", minimum=1)
+    scale = resolve_scale(scale, D)
+    want_imp = selection_block_size is not None
+    if want_imp:
+        check_int(selection_block_size, "selection_block_size", minimum=1)
+        check_int(num_keys, "num_keys", minimum=0)
+    cfg = {**DEFAULTS, **{k: v for k, v in (("rows", rows), ("block_n", block_n), ("num_warps", num_warps),
+                                              ("num_stages", num_stages)) if v is not None}}
+    G = H // Hkv
+    block_g = _pow2(G)
+    block_m = max(1, cfg["rows"] // block_g)
+    if block_m * block_g < 16:  # tl.dot needs at least 16 rows
+        block_m = 16 // block_g
+    block_n = max(16, cfg["block_n"])
+    n_sel = math.ceil(num_keys / selection_block_size) if want_imp else 0
+    # Selection blocks one tile of block_n compressed blocks can touch (its tokens may straddle two more).
+    block_s = _pow2(((block_n - 1) * stride + block_size - 1) // selection_block_size + 2, 16) if want_imp else 16
+
+    out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
+    imp = torch.zeros(B, Hkv, Lq, n_sel, dtype=torch.float32, device=q.device) if want_imp else None
+    if out.numel() == 0 and (imp is None or imp.numel() == 0):
+        return out, imp
+    if Nc == 0:  # no whole block yet: nothing to see
+        return out.zero_(), imp
+    imp_arg = imp if imp is not None and imp.numel() else out  # a valid pointer the kernel never writes
+    imp_strides = imp.stride() if imp is not None and imp.numel() else (0, 0, 0, 0)
+    grid = (triton.cdiv(Lq, block_m), B * Hkv)
+    _compressed_fwd[grid](
+        q, k_cmp, v_cmp, out, imp_arg,
+        *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *out.stride(), *imp_strides,
+        Hkv, Lq, Nc, n_sel, stride, block_size, selection_block_size or 1, scale * _LOG2E,
+        G=G, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=block_s,
+        HEAD_DIM=D, V_DIM=Dv, BLOCK_D=_pow2(D, 16), BLOCK_DV=_pow2(Dv, 16),
+        CAUSAL=bool(causal), IMPORTANCE=bool(want_imp and n_sel > 0),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, imp
