@@ -199,8 +199,10 @@ def _topk_cost(s: Shape, cfg: Config, itemsize: int, chunk: int | None) -> Cost:
             # Causal key chunks that start after the block's last query are skipped.
             keys = s.Lk if not cfg.causal else min(s.Lk, math.ceil((i0 + nq) / chunk) * chunk)
             scored += nq * keys
-        nq = min(chunk, s.Lq)
-        work = rows * nq * (K + min(chunk, s.Lk)) * (itemsize + 8)  # running top-k + one score tile
+        # topk_attention's bound: peak grows with Lq * (top_k + chunk_size), never Lq * Lk. One tile
+        # alone would underestimate: on an H200 (bf16, H=8, chunk 1024, L=16384) the peak was 681 MiB,
+        # 3x a one-tile estimate; this bound gives 1.4 GiB.
+        work = rows * s.Lq * (K + min(chunk, s.Lk)) * (itemsize + 8)
     attended = _attended_pairs(s.Lq, s.Lk, cfg.causal, K)
     q_rows = s.Lq if chunk is None else min(chunk, s.Lq)
     gathered = rows * q_rows * K * (s.D + s.Dv) * itemsize
