@@ -2,12 +2,25 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import streamlit as st
 
 from sparse_attn.i18n import t
 
 log = logging.getLogger("sparse_attn.app")
+
+FAULT_ENV = "SPARSE_ATTN_FAULT"  # comma-separated panel names; set only by the fault-injection tests
+
+
+def inject_fault(panel: str) -> None:
+    """Raise midway through ``panel``'s computation when the server was started with it in ``SPARSE_ATTN_FAULT``.
+
+    A test-only hook: it lets the served app's error handling be checked from
+    a real browser, where nothing can be monkeypatched. Unset, it does nothing.
+    """
+    if panel in os.environ.get(FAULT_ENV, "").split(","):
+        raise RuntimeError(f"injected fault in the {panel} panel")
 
 
 def message(exc: BaseException, lang: str) -> str:
