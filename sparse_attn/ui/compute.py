@@ -13,7 +13,7 @@ from sparse_attn import metrics
 from sparse_attn.methods import METHODS, Config, allowed_pairs, check_budget, shape_of
 from sparse_attn.viz import MAX_CELLS, pool_map
 
-from . import inputs
+from . import errors, inputs
 
 # Keys of the settings dict that change what is computed (view-only settings like log stay out).
 COMPUTE_KEYS = ("source", "pattern", "text", "layer", "L", "H", "D", "method", "k", "samples", "proposal", "block",
@@ -57,6 +57,7 @@ def view(s: dict, head: int, pool: str, upload: tuple[str, bytes] | None = None)
     cfg = config(s)
     with torch.no_grad():
         dense = METHODS["dense"].run(q, k, v, cfg)
+        errors.inject_fault("maps")
         sparse = METHODS[s["method"]].run_for_picture(q, k, v, cfg)
     H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
     head = min(head, H - 1)
