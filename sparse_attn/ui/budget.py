@@ -32,6 +32,7 @@ def curve(s: dict, upload=None):
 
     q, k, v, _, _ = compute.qkv(s, upload)
     L = k.shape[2]
+    errors.inject_fault("budget")
     budgets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b <= min(L, BUDGET_MAX)]
     return budget_sweep(q, k, v, sweep_methods(s["proposal"]), budgets, seeds=SEEDS, causal=s["causal"])
 
