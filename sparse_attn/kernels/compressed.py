@@ -44,9 +44,9 @@ __all__ = ["compressed_attention_triton", "triton_supports", "DEFAULTS"]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
-# Launch settings; gpu_bench's compressed section tunes them on the GPU and
-# docs/benchmarks.md records which won. ROWS = query positions x padded heads per program.
-DEFAULTS = {"rows": 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
+# Launch settings: the fastest of 9 on an H200 at L=65536 (docs/benchmarks.md; 22.9 ms,
+# the slowest 33.3 ms). rows = query positions x padded group heads per program.
+DEFAULTS = {"rows": 256, "block_n": 64, "num_warps": 8, "num_stages": 2}
 
 try:  # Triton is optional: the PyTorch path runs everywhere.
     import triton

@@ -1,0 +1,160 @@
+"""The fused compressed-branch kernel, checked on the CPU through Triton's interpreter.
+
+Triton decides at import time whether it interprets, so the kernel tests run
+in a child pytest process started with TRITON_INTERPRET=1 (the one test
+``test_compressed_kernel_under_triton_interpreter``); this process keeps the
+ordinary Triton. References are float64: ``compressed_attention`` on upcast
+inputs, the group sum, and ``importance_to_selection_blocks``. The
+interpreter gets bfloat16 arithmetic wrong, so bfloat16 is checked on the GPU
+(``python -m sparse_attn.kernels.gpu_bench OUT correctness_compressed``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from einops import reduce
+
+from sparse_attn import nsa
+
+triton = pytest.importorskip("triton")
+from sparse_attn.kernels import compressed as cmp  # noqa: E402 (after the Triton check)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if not INTERPRETED:
+
+    def test_compressed_kernel_under_triton_interpreter():
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k", "kernel_"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        passed = re.search(r"(\d+) passed", proc.stdout)
+        assert passed and int(passed.group(1)) >= 12, proc.stdout[-2000:]  # every kernel test ran
+
+    def test_dispatch_stays_on_pytorch_off_cuda(monkeypatch):
+        # On the CPU the kernel is never called: poison it and nsa_attention must still work.
+        def boom(*a, **k):
+            raise AssertionError("kernel called on the CPU")
+
+        monkeypatch.setattr(cmp, "compressed_attention_triton", boom)
+        q, k, v = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+        out = nsa.nsa_attention(q, k, v, gates=(0.3, 0.4, 0.3), sliding_window_size=8, compress_block_size=8,
+                                compress_block_sliding_stride=4, selection_block_size=16, num_selected_blocks=2,
+                                causal=True)
+        assert out.shape == (1, 4, 64, 16) and not out.isnan().any()
+
+
+def reference(q, k, v, cbs, stride, sbs, causal, scale=None):
+    """float64 compressed output (B, H, Lq, Dv) and group-summed importance (B, Hkv, Lq, Nsel)."""
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    kc, vc = nsa.compress_kv(k.double(), cbs, stride), nsa.compress_kv(v.double(), cbs, stride)
+    out, p = nsa.compressed_attention(q.double(), kc, vc, cbs, stride, causal=causal, scale=scale)
+    M = nsa.importance_to_selection_blocks(kc.shape[2], cbs, stride, sbs, k.shape[2], dtype=torch.float64)
+    return out, reduce(p, "b (hk g) i n -> b hk i n", "sum", hk=k.shape[1]) @ M
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def run_kernel(q, k, v, cbs, stride, sbs, causal, dtype=torch.float32, **kw):
+    kc, vc = nsa.compress_kv(k, cbs, stride), nsa.compress_kv(v, cbs, stride)
+    return cmp.compressed_attention_triton(q.to(dtype), kc.to(dtype), vc.to(dtype), cbs, stride, causal=causal,
+                                           selection_block_size=sbs, num_keys=k.shape[2], **kw)
+
+
+if INTERPRETED:
+    CASES = [
+        # B, H, Hkv, Lq, Lk, D, Dv, cbs, stride, sbs, causal, block_n
+        (1, 4, 2, 40, 40, 16, 16, 8, 4, 16, True, 16),     # overlapping blocks, several tiles
+        (2, 3, 1, 37, 50, 16, 32, 6, 3, 10, False, 16),    # G=3 (padded), Dv != D, odd sizes, Lq < Lk
+        (1, 8, 2, 70, 70, 32, 16, 4, 2, 8, True, 32),      # G=4, one tile spans many selection blocks
+        (1, 2, 2, 33, 33, 24, 24, 5, 5, 7, True, 16),      # G=1, no overlap, D not a power of two
+        (1, 2, 1, 9, 70, 16, 16, 4, 4, 64, True, 16),      # one selection block holds every compressed one
+        (1, 2, 1, 1, 20, 16, 16, 4, 2, 8, False, 16),      # one query
+    ]
+
+    @pytest.mark.parametrize("case", CASES)
+    def test_kernel_matches_float64(case):
+        B, H, Hkv, Lq, Lk, D, Dv, cbs, st, sbs, causal, bn = case
+        q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, Dv)
+        ref_out, ref_imp = reference(q, k, v, cbs, st, sbs, causal)
+        out, imp = run_kernel(q, k, v, cbs, st, sbs, causal, block_n=bn, rows=16)
+        assert out.shape == (B, H, Lq, Dv) and out.dtype == torch.float32
+        assert imp.shape == (B, Hkv, Lq, math.ceil(Lk / sbs)) and imp.dtype == torch.float32
+        assert not out.isnan().any() and not imp.isnan().any()
+        assert rel_err(out, ref_out) < 1e-5
+        assert rel_err(imp, ref_imp) < 1e-5
+        # Zero exactly where no visible compressed block overlaps: select_blocks reads 0 as "not eligible".
+        assert torch.equal(imp > 0, ref_imp > 0)
+
+    @pytest.mark.parametrize("rows,block_n", [(16, 16), (64, 32), (256, 64)])
+    def test_kernel_launch_settings_do_not_change_results(rows, block_n):
+        q, k, v = torch.randn(1, 4, 50, 16), torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16)
+        ref_out, ref_imp = reference(q, k, v, 8, 4, 16, True)
+        out, imp = run_kernel(q, k, v, 8, 4, 16, True, rows=rows, block_n=block_n)
+        assert rel_err(out, ref_out) < 1e-5 and rel_err(imp, ref_imp) < 1e-5
+
+    def test_kernel_float16_and_scale():
+        q, k, v = (torch.randn(1, h, 48, 32) for h in (4, 2, 2))
+        ref_out, ref_imp = reference(q.half(), k.half(), v.half(), 8, 4, 16, True, scale=0.3)
+        out, imp = run_kernel(q.half(), k.half(), v.half(), 8, 4, 16, True, dtype=torch.float16, scale=0.3)
+        assert out.dtype == torch.float16
+        assert rel_err(out, ref_out) < 1e-2 and rel_err(imp, ref_imp) < 1e-2
+
+    def test_kernel_early_queries_see_nothing_and_get_zeros():
+        # Causal, block 8: queries 0..6 see no ended block. Zeros, not NaN, in both outputs.
+        q, k, v = torch.randn(1, 2, 20, 16) * 30, torch.randn(1, 1, 20, 16), torch.randn(1, 1, 20, 16)
+        out, imp = run_kernel(q, k, v, 8, 4, 16, True)
+        assert torch.equal(out[:, :, :7], torch.zeros(1, 2, 7, 16))
+        assert torch.equal(imp[:, :, :7], torch.zeros(1, 1, 7, 2))
+        assert (imp[:, :, 7:].sum(-1) - 2).abs().max() < 1e-5  # each row's weights sum to 1 per head, 2 heads
+
+    def test_kernel_shorter_than_one_block():
+        q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 1, 5, 16), torch.randn(1, 1, 5, 16)
+        out, imp = run_kernel(q, k, v, 8, 4, 16, False)
+        assert torch.equal(out, torch.zeros(1, 2, 5, 16)) and torch.equal(imp, torch.zeros(1, 1, 5, 1))
+
+    def test_kernel_output_only():
+        q, k, v = torch.randn(1, 4, 30, 16), torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16)
+        kc, vc = nsa.compress_kv(k, 8, 4), nsa.compress_kv(v, 8, 4)
+        out, imp = cmp.compressed_attention_triton(q, kc, vc, 8, 4, causal=True)
+        assert imp is None and rel_err(out, reference(q, k, v, 8, 4, 16, True)[0]) < 1e-5
+
+    def test_kernel_through_nsa_dispatch(monkeypatch):
+        # Let the dispatch take CPU tensors (the interpreter runs them): nsa_attention must give the
+        # float64 PyTorch path's result. Gates picked so that the compressed branch counts.
+        monkeypatch.setattr(cmp, "triton_supports", lambda *a: True)
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        calls = []
+        real = cmp.compressed_attention_triton
+        monkeypatch.setattr(cmp, "compressed_attention_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+        q, k, v = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+        kw = dict(gates=(0.5, 0.3, 0.2), sliding_window_size=8, compress_block_size=8,
+                  compress_block_sliding_stride=4, selection_block_size=16, num_selected_blocks=2, causal=True)
+        with torch.no_grad():
+            out = nsa.nsa_attention(q, k, v, **kw)
+        monkeypatch.undo()
+        ref = nsa.nsa_attention(q.double(), k.double(), v.double(), **kw)
+        assert calls == [1]
+        assert rel_err(out, ref) < 1e-5
+
+    def test_kernel_rejects_bad_input():
+        q, kc = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 3, 16)
+        with pytest.raises(TypeError, match="share one dtype"):
+            cmp.compressed_attention_triton(q.double(), kc.double(), kc.double(), 4, 2)
+        with pytest.raises(ValueError, match="k_cmp must be"):
+            cmp.compressed_attention_triton(q, torch.randn(1, 3, 3, 16), torch.randn(1, 3, 3, 16), 4, 2)
+        with pytest.raises(ValueError, match="stride must be >= 1"):
+            cmp.compressed_attention_triton(q, kc, kc, 4, 0)
+        with pytest.raises(ValueError, match="q must be a 4-d"):
+            cmp.compressed_attention_triton(q[0], kc, kc, 4, 2)
