@@ -330,11 +330,14 @@ def _nsa_kwargs(cfg: Config) -> dict:
 def _nsa_cost(s: Shape, cfg: Config, itemsize: int) -> Cost:
     half = 0.5 if cfg.causal else 1.0
     n_cmp = (s.Lk // cfg.block_size) * half
-    attended = min(s.Lk * half, n_cmp + cfg.num_blocks * cfg.block_size + cfg.window)
-    scored = n_cmp + cfg.num_blocks * cfg.block_size + cfg.window  # compressed scores also rank the blocks
+    # Blocks or a window beyond the keys there are add nothing (selection and the sliding band stop at Lk):
+    # counting them refused the largest NSA settings even at L = 256 and named the wrong setting to lower.
+    near = min(cfg.num_blocks, -(-s.Lk // cfg.block_size)) * cfg.block_size + min(cfg.window, s.Lk)
+    attended = min(s.Lk * half, n_cmp + near)
+    scored = n_cmp + near  # compressed scores also rank the blocks
     rows = s.B * s.H * s.Lq
     flops = rows * (scored * 2 * s.D + attended * (2 * s.Dv + 5))
-    memory = rows * (n_cmp * 2 + (cfg.num_blocks * cfg.block_size + cfg.window) * (s.D + s.Dv)) * itemsize
+    memory = rows * (n_cmp * 2 + near * (s.D + s.Dv)) * itemsize
     return Cost(float(flops), float(memory), float(scored), float(attended))
 
 
