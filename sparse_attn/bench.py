@@ -540,6 +540,7 @@ def _fmt_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``python -m sparse_attn.bench`` command line; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m sparse_attn.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("topk", help="dense SDPA vs full-score top-k vs streaming top-k: time and peak memory")

@@ -66,6 +66,8 @@ class Config:
 
 
 class Shape(NamedTuple):
+    """Sizes of one q/k/v triple, as ``check_qkv`` reads them: q (B, H, Lq, D), k/v (B, Hkv, Lk, D/Dv)."""
+
     B: int
     H: int
     Hkv: int
@@ -130,6 +132,7 @@ METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
+    """Add ``method`` to the registry under ``method.key`` (a later entry with the same key replaces it)."""
     METHODS[method.key] = method
     return method
 
@@ -140,6 +143,7 @@ def choices(role: str = "method") -> list[str]:
 
 
 def shape_of(q, k, v) -> Shape:
+    """The ``Shape`` of q, k, v; raises ``ValueError``/``TypeError`` as ``check_qkv`` does."""
     B, H, Hkv, Lq, Lk, D, Dv = check_qkv(q, k, v)
     return Shape(B, H, Hkv, Lq, Lk, D, Dv)
 

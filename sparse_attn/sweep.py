@@ -140,6 +140,7 @@ def _load_synthetic():
 
 
 def main(argv=None) -> int:
+    """The ``python -m sparse_attn.sweep`` command line; returns the exit code."""
     ap = argparse.ArgumentParser(prog="python -m sparse_attn.sweep", description=__doc__.split("\n")[0])
     ap.add_argument("--pattern", default="flat", help="a synthetic pattern from sparse_attn.sources (default flat)")
     ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
