@@ -12,7 +12,7 @@ from sparse_attn.methods import SettingError
 from sparse_attn.sources import DEFAULT_MAX_BYTES, FILE_SUFFIXES, PATTERNS, Source, load, load_model
 
 KINDS = ("synthetic", "model", "file")
-MAX_TEXT_CHARS = 2000   # the model reads at most 512 tokens; longer pastes are refused at the widget
+MAX_TEXT_CHARS = 2000   # the model reads at most 512 tokens; longer text gets a message, not a silent no-op
 MAX_UPLOAD_BYTES = min(DEFAULT_MAX_BYTES, 64 * 2**20)  # also .streamlit/config.toml's maxUploadSize
 SUFFIXES = tuple(s.lstrip(".") for s in FILE_SUFFIXES)
 DEFAULT_TEXT = "The cat sat on the mat because it was warm, and the dog watched the cat from the door."
@@ -31,8 +31,12 @@ def model():
 def source(s: dict, upload: tuple[str, bytes] | None = None) -> Source:
     """The Source for these settings; ``upload`` is (file name, bytes) for the file source."""
     if s["source"] == "model":
+        text = s.get("text", "")
+        if len(text) > MAX_TEXT_CHARS:
+            raise SettingError("text_too_long", f"text has {len(text)} characters; at most {MAX_TEXT_CHARS} are read",
+                               count=len(text), limit=MAX_TEXT_CHARS)
         model()  # warm the shared model through the resource cache
-        return Source.model(s.get("text", ""), layer=s["layer"])
+        return Source.model(text, layer=s["layer"])
     if s["source"] == "file":
         name, data = upload if upload is not None else ("", None)
         if data is None:

@@ -30,7 +30,8 @@ def render() -> dict:
         sb.slider(t("setting.heads", lang), 1, state.HEADS_MAX, key="H")
         sb.select_slider(t("setting.head_dim", lang), state.HEAD_DIMS, key="D")
     elif ss["source"] == "model":
-        sb.text_area(t("setting.text", lang), key="text", max_chars=inputs.MAX_TEXT_CHARS, help=t("help.text", lang))
+        # No max_chars: the widget would drop an over-long paste without a word; the maps panel says why instead.
+        sb.text_area(t("setting.text", lang), key="text", help=t("help.text", lang))
         layers = inputs.model().num_layers
         ss["layer"] = min(ss["layer"], layers - 1)
         sb.slider(t("setting.layer", lang), 0, layers - 1, key="layer")
