@@ -155,21 +155,38 @@ if INTERPRETED:
         (1, 2, 1, 16, 70, 3, False, 16, "triton"),    # sorts in registers pick the threshold and the k
         (1, 1, 1, 16, 64, 2, True, 16, "triton"),
     ]
-    # (atomic append, fused gather) for each case above; the defaults are (False, "triton").
-    FUSED_OPTS = [(True, "triton"), (False, "torch"), (True, "torch"), (False, "triton"), (True, "triton"),
-                  (False, "triton")]
+    # (append, fused gather) for each case above; the defaults are ("bits", "triton").
+    FUSED_OPTS = [("atomic", "triton"), ("mask", "torch"), ("scan", "torch"), ("bits", "triton"),
+                  ("mask", "triton"), ("bits", "triton")]
 
     @pytest.mark.parametrize("case,opts", list(zip(FUSED_CASES, FUSED_OPTS)))
     def test_kernel_fused_topk_matches_topk_attention(case, opts):
         B, H, Hkv, Lq, Lk, K, causal, C, select = case
         q, k, v = torch.randn(B, H, Lq, 16), torch.randn(B, Hkv, Lk, 16), torch.randn(B, Hkv, Lk, 8)
         out = topk_fused.fused_topk_attention(q, k, v, K, causal=causal, capacity=C, block_m=16, block_n=16,
-                                              query_chunk_size=7, select=select, atomic=opts[0], gather=opts[1])
+                                              query_chunk_size=7, select=select, append=opts[0], gather=opts[1])
         ref = topk_attention(q.double(), k.double(), v.double(), K, causal=causal)
         assert out.shape == (B, H, Lq, 8) and not out.isnan().any()
         assert rel_err(out, ref) < 1e-5
         if C == K:
             assert topk_fused.last_overflow_rows > 0  # the exact redo path really ran
+
+    @pytest.mark.parametrize("append,block_n,causal", [("bits", 64, False), ("bits", 16, True), ("scan", 32, False),
+                                                       ("mask", 64, False), ("mask", 16, True)])
+    def test_kernel_fused_topk_select_matches_torch_topk(append, block_n, causal):
+        # block_n=64 puts a passing key on bit 63 of the row mask (the sign bit).
+        q, k = torch.randn(1, 2, 16, 16), torch.randn(1, 1, 200, 16)
+        vals, idx = topk_fused.fused_topk_select(q, k, 5, causal=causal, block_m=16, block_n=block_n,
+                                                 append=append, capacity=64)
+        s = (q @ k.transpose(-1, -2))[0]
+        if causal:
+            s = s.masked_fill(torch.ones(16, 200, dtype=torch.bool).triu(1), float("-inf"))
+        ref = s.topk(5, dim=-1)
+        ok = ~torch.isneginf(ref.values)  # causal rows 0..3 have fewer than 5 keys
+        got = idx.masked_fill(torch.isneginf(vals), -1).sort(-1).values
+        want = ref.indices.masked_fill(~ok, -1).sort(-1).values
+        assert torch.equal(got, want)
+        assert torch.allclose(vals.sort(-1).values, ref.values.sort(-1).values, rtol=1e-5, atol=1e-5)
 
     def test_kernel_fused_topk_ties():
         # Every key and value appears 4 times: the k-th score is tied, so which copy wins
@@ -191,6 +208,8 @@ if INTERPRETED:
             topk_fused.fused_topk_attention(q.double(), q.double(), q.double(), 2)
         with pytest.raises(ValueError, match="gather must be 'triton' or 'torch'"):
             topk_fused.fused_topk_attention(q, q, q, 2, gather="numpy")
+        with pytest.raises(ValueError, match="append must be one of"):
+            topk_fused.fused_topk_attention(q, q, q, 2, append="sort")
 
 
 def test_dispatch_stays_on_torch_for_cpu(monkeypatch):

@@ -140,11 +140,35 @@ def correctness_fused():
             for L, K, C in ((4096, 64, None), (3000, 16, 16)):
                 q, k, v = (torch.randn(1, h, L, 64, device="cuda", dtype=dtype) for h in (8, 2, 2))
                 ref = topk_attention(q.double(), k.double(), v.double(), K, causal=causal)
-                out = topk_fused.fused_topk_attention(q, k, v, K, causal=causal, capacity=C)
-                _record("correctness_fused_topk", {"dtype": str(dtype).split(".")[-1], "causal": causal, "L": L,
-                                                   "top_k": K, "capacity": C, "rel_err": _rel(out, ref),
-                                                   "nan": bool(out.isnan().any()),
-                                                   "overflow_rows": topk_fused.last_overflow_rows})
+                for append in ("mask", "bits", "scan"):
+                    out = topk_fused.fused_topk_attention(q, k, v, K, causal=causal, capacity=C, append=append)
+                    _record("correctness_fused_topk", {"dtype": str(dtype).split(".")[-1], "causal": causal,
+                                                       "L": L, "top_k": K, "capacity": C, "append": append,
+                                                       "rel_err": _rel(out, ref), "nan": bool(out.isnan().any()),
+                                                       "overflow_rows": topk_fused.last_overflow_rows})
+    # The selection itself against torch.topk of float32 scores (fp32 inputs: IEEE scores on both sides).
+    for causal in (False, True):
+        q, k = torch.randn(1, 8, 16384, 64, device="cuda"), torch.randn(1, 2, 16384, 64, device="cuda")
+        s = (q.view(1, 2, 4, 16384, 64) @ k[:, :, None].transpose(-1, -2)).view(8, 16384, 16384)
+        if causal:
+            s.masked_fill_(torch.ones(16384, 16384, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+        ref = s.topk(64, dim=-1)
+        del s
+        ok = ~torch.isneginf(ref.values)
+        want = ref.indices.masked_fill(~ok, -1).sort(-1).values
+        for append in ("mask", "bits", "scan"):
+            vals, idx = topk_fused.fused_topk_select(q, k, 64, causal=causal, append=append)
+            got = idx.masked_fill(torch.isneginf(vals), -1).sort(-1).values
+            same = (got == want).all(-1)
+            # a differing row must differ only by keys tied (to rounding) with the k-th score
+            gap = (vals.sort(-1).values - ref.values.sort(-1).values).abs().max().item()
+            _record("correctness_fused_select", {"causal": causal, "L": 16384, "top_k": 64, "append": append,
+                                                 "rows_same_key_set": same.float().mean().item(),
+                                                 "rows_differing": int((~same).sum().item()),
+                                                 "max_abs_score_gap_sorted": gap,
+                                                 "overflow_rows": topk_fused.last_overflow_rows})
+        del ref, want, ok
+        torch.cuda.empty_cache()
 
 
 def tune(L=65536):
@@ -220,9 +244,12 @@ def topk_table():
             _guard("topk", {**lab, "method": "full_topk"}, lambda: _timed(lambda: topk_attention(q, k, v, K)))
             _guard("topk", {**lab, "method": "streaming_topk", "chunk_size": 1024},
                    lambda: _timed(lambda: topk_attention(q, k, v, K, chunk_size=1024)))
-        configs = [{}]  # the defaults: prefix-sum append, Triton select and gather, block_n from L
+        configs = [{}]  # the defaults: see fused_topk_attention
         if L == 16384:
-            configs += [{"atomic": True}, {"gather": "torch"}, {"num_stages": 3}]
+            configs += [{"append": a, **x} for a in ("mask", "bits", "scan")
+                        for x in ({}, {"num_stages": 3}, {"block_m": 128, "num_warps": 8})]
+            configs += [{"append": "mask", "capacity": 128}, {"append": "mask", "block_m": 32},
+                        {"append": "mask", "block_m": 128, "num_warps": 8, "num_stages": 3}, {}]
         for cfg in configs:
             _guard("topk", {**lab, "method": "fused_topk", **cfg},
                    lambda cfg=cfg: _timed(lambda: topk_fused.fused_topk_attention(q, k, v, K, **cfg)))
@@ -251,6 +278,7 @@ def fused_stages(q, k, v, K, bm=64, bn=64):
     cv = torch.full((B * H, L, C), float("-inf"), device="cuda")
     ci = torch.full((B * H, L, C), -1, dtype=torch.int32, device="cuda")
     cnt = torch.empty((B * H, L), dtype=torch.int32, device="cuda")
+    msk = torch.empty((B * H, L, n_seg), dtype=torch.int64, device="cuda")
     vals = torch.empty((B * H, L, K), device="cuda")
     idx = torch.empty((B * H, L, K), dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
@@ -261,13 +289,23 @@ def fused_stages(q, k, v, K, bm=64, bn=64):
         "2 threshold: k-th segment max (Triton sort)": lambda: tf._kth_largest[(triton.cdiv(n_rows, 16),)](
             seg, tau, n_rows, n_seg, K, BLOCK_R=16, BLOCK_C=tf._pow2(n_seg), num_warps=4),
         "2 threshold: k-th segment max (torch.topk)": lambda: seg.topk(K, dim=-1, sorted=False).values.amin(-1),
+        "3a collect: bits of passing keys per row and segment (Triton, mask)": lambda: tf._collect_mask[grid](
+            q, k, tau, msk, *strides, H, H // Hkv, L, L, n_seg, **common),
+        "3b compact the bits into key indices (Triton, mask)": lambda: tf._compact_mask[
+            (triton.cdiv(n_rows, 16),)](msk, ci, cnt, n_rows, n_seg, C, BLOCK_N=bn, BLOCK_R=16,
+                                       BLOCK_S=tf._pow2(n_seg), HW_POPC=True, num_warps=4),
+        "3c score the candidates again (Triton, mask)": lambda: tf._rescore[(triton.cdiv(n_rows, 32),)](
+            q, k, ci, cv, cnt, n_rows, L, H, H // Hkv, C, *strides, HEAD_DIM=D, BLOCK_R=32, BLOCK_D=D,
+            num_warps=4),
+        "3 collect candidates (Triton, bitmask + popcount)": lambda: tf._collect[grid](
+            q, k, tau, cv, ci, cnt, *strides, H, H // Hkv, L, L, C, APPEND=2, HW_POPC=True, **common),
         "3 collect candidates (Triton, prefix sum)": lambda: tf._collect[grid](
-            q, k, tau, cv, ci, cnt, *strides, H, H // Hkv, L, L, C, ATOMIC=False, **common),
+            q, k, tau, cv, ci, cnt, *strides, H, H // Hkv, L, L, C, APPEND=0, HW_POPC=True, **common),
         "4 pick k of the candidates (Triton sort)": lambda: tf._pick_k[(triton.cdiv(n_rows, 16),)](
             cv, ci, vals, idx, n_rows, C, K, BLOCK_R=16, BLOCK_C=tf._pow2(C), num_warps=4),
         "4 pick k of the candidates (torch.topk)": lambda: cv.topk(K, dim=-1),
         "3 collect candidates (Triton, atomic append)": lambda: (cnt.zero_(), tf._collect[grid](
-            q, k, tau, cv, ci, cnt, *strides, H, H // Hkv, L, L, C, ATOMIC=True, **common)),
+            q, k, tau, cv, ci, cnt, *strides, H, H // Hkv, L, L, C, APPEND=1, HW_POPC=True, **common)),
         "5 softmax and gather (Triton)": lambda: tf._softmax_gather[(triton.cdiv(n_rows, 32),)](
             vals, idx, v, out, n_rows, L, H, H // Hkv, K, D ** -0.5, *v.stride(), *out.stride(),
             V_DIM=v.shape[-1], BLOCK_R=32, BLOCK_K=K, BLOCK_DV=tf._pow2(v.shape[-1]), num_warps=4),
@@ -278,11 +316,16 @@ def fused_stages(q, k, v, K, bm=64, bn=64):
     }
     tf._segment_max[grid](q, k, seg, *strides, H, H // Hkv, L, L, n_seg, **common)
     tau.copy_(seg.topk(K, dim=-1, sorted=False).values.amin(-1))
-    tf._collect[grid](q, k, tau, cv, ci, cnt, *strides, H, H // Hkv, L, L, C, ATOMIC=False, **common)
+    tf._collect[grid](q, k, tau, cv, ci, cnt, *strides, H, H // Hkv, L, L, C, APPEND=2, HW_POPC=True, **common)
     tf._pick_k[(triton.cdiv(n_rows, 16),)](cv, ci, vals, idx, n_rows, C, K, BLOCK_R=16,
                                             BLOCK_C=tf._pow2(C), num_warps=4)
     _record("fused_stages", {"L": L, "candidates_mean": cnt.float().mean().item(),
                              "candidates_max": cnt.max().item()})
+    tf._collect_mask[grid](q, k, tau, msk, *strides, H, H // Hkv, L, L, n_seg, **common)
+    cnt2 = torch.empty_like(cnt)
+    tf._compact_mask[(triton.cdiv(n_rows, 16),)](msk, ci, cnt2, n_rows, n_seg, C, BLOCK_N=bn, BLOCK_R=16,
+                                                  BLOCK_S=tf._pow2(n_seg), HW_POPC=True, num_warps=4)
+    _record("fused_stages", {"L": L, "mask_counts_equal_bits_counts": bool(torch.equal(cnt, cnt2))})
     for name, fn in stages.items():
         _guard("fused_stages", {"L": L, "stage": name}, lambda fn=fn: _timed(fn))
 

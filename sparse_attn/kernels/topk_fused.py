@@ -8,9 +8,12 @@ the scores (docs/benchmarks.md). Here the scores never leave the chip:
    maximum per segment: Lk / BLOCK_N numbers per query.
 2. The k-th largest segment maximum is a threshold t with at least k keys at or
    above it (one per segment), so every top-k key scores >= t.
-3. ``_collect``: the same walk again; keys scoring >= t are appended to a short
-   per-row candidate list (a running count in registers, a prefix sum inside
-   the tile gives each key its slot).
+3. The same walk again finds the keys scoring >= t. By default
+   (``append="mask"``) ``_collect_mask`` stores only one 64-bit mask per row and
+   segment, as cheap as pass 1; ``_compact_mask`` turns the set bits into a short
+   per-row candidate list and ``_rescore`` computes those keys' scores again.
+   ``_collect`` instead appends in the tile (slots from a popcount of the row's
+   bits, a prefix sum, or atomics).
 4. ``torch.topk`` over the candidates (``capacity`` per row) picks the k keys.
 
 On random data about 1.15 k keys pass the threshold (k=64, 16k keys), far
@@ -21,20 +24,24 @@ Scores are float32 dot products of the inputs (IEEE for float32 inputs).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from einops import rearrange
 
 from .._checks import check_int, check_qkv, resolve_scale
 from ..attention import gather_kv
 
-__all__ = ["fused_topk_attention", "triton_supports"]
+__all__ = ["fused_topk_attention", "fused_topk_select", "triton_supports"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 last_overflow_rows = 0
+_HW_POPC = os.environ.get("TRITON_INTERPRET") != "1"
 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -45,6 +52,16 @@ def triton_supports(q: torch.Tensor) -> bool:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _popc64(x, HW_POPC: tl.constexpr):
+        """Set bits of each int64 in x, as int32. The CPU interpreter has no popc: bit tricks there."""
+        if HW_POPC:
+            return libdevice.popc(x)
+        x = x - ((x >> 1) & 0x5555555555555555)
+        x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+        return ((x * 0x0101010101010101) >> 56).to(tl.int32)
 
     @triton.jit
     def _score_tile(q, k_base, stride_kj, stride_kd, rows, t, Lk,
@@ -105,7 +122,8 @@ if triton is not None:
                  stride_kb, stride_kh, stride_kj, stride_kd,
                  H, G, Lq, Lk, capacity,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr):
+                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, APPEND: tl.constexpr,
+                 HW_POPC: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -117,12 +135,20 @@ if triton is not None:
         flat = bh * Lq + rows
         tau = tl.load(TAU + flat, mask=row_ok, other=float("inf"))
         count = tl.zeros([BLOCK_M], tl.int32)
+        bit = tl.full([BLOCK_N], 1, tl.int64) << tl.arange(0, BLOCK_N).to(tl.int64)  # APPEND == 2 only
         for t in range(0, _n_tiles(pid_m, Lq, Lk, BLOCK_M, BLOCK_N, CAUSAL)):
             s, cols = _score_tile(q, k_base, stride_kj, stride_kd, rows, t, Lk,
                                   HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, PRECISION)
             # s > -inf: with tau = -inf (fewer than k segments) masked keys must still stay out.
             keep = (s >= tau[:, None]) & (s > float("-inf")) & row_ok[:, None]
-            if ATOMIC:
+            if APPEND == 2:
+                # A key's slot is the number of passing keys before it in its row: the
+                # popcount of the row's bitmask below its bit. The mask is a plain row
+                # reduction, like the maximum of pass 1; a scan over the tile costs more.
+                bits = tl.sum(tl.where(keep, bit[None, :], 0), 1)
+                slot = count[:, None] + _popc64(bits[:, None] & (bit - 1)[None, :], HW_POPC)
+                count += _popc64(bits, HW_POPC)
+            elif APPEND == 1:
                 # One atomic per passing key instead of a prefix sum per tile
                 # (measured slower on an H200; kept as an option).
                 slot = tl.atomic_add(CNT + flat[:, None] + tl.zeros_like(cols)[None, :], 1, mask=keep)
@@ -133,9 +159,88 @@ if triton is not None:
             store = keep & (slot < capacity)
             tl.store(CV + dst, s, mask=store)
             tl.store(CI + dst, cols[None, :] + tl.zeros_like(slot), mask=store)
-        if not ATOMIC:
+        if APPEND != 1:
             tl.store(CNT + flat, count, mask=row_ok)
 
+
+    @triton.jit
+    def _collect_mask(Q, K, TAU, MASK,
+                      stride_qb, stride_qh, stride_qi, stride_qd,
+                      stride_kb, stride_kh, stride_kj, stride_kd,
+                      H, G, Lq, Lk, n_seg,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+        """Pass 2 with no per-key stores: MASK[row, t] = bit j set where key t * BLOCK_N + j passes.
+
+        Per tile and row this is one reduction and one store, the cost of pass 1;
+        ``_compact_mask`` turns the bits into key indices afterwards.
+        """
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < Lq
+        q = _load_q(Q, b, h, rows, stride_qb, stride_qh, stride_qi, stride_qd, Lq, HEAD_DIM, BLOCK_D)
+        k_base = K + b * stride_kb + (h // G) * stride_kh
+        tau = tl.load(TAU + bh * Lq + rows, mask=row_ok, other=float("inf"))
+        mask_row = MASK + (bh * Lq + rows).to(tl.int64) * n_seg
+        bit = tl.full([BLOCK_N], 1, tl.int64) << tl.arange(0, BLOCK_N).to(tl.int64)
+        for t in range(0, _n_tiles(pid_m, Lq, Lk, BLOCK_M, BLOCK_N, CAUSAL)):
+            s, _ = _score_tile(q, k_base, stride_kj, stride_kd, rows, t, Lk,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, PRECISION)
+            keep = (s >= tau[:, None]) & (s > float("-inf"))
+            tl.store(mask_row + t, tl.sum(tl.where(keep, bit[None, :], 0), 1), mask=row_ok)
+
+    @triton.jit
+    def _compact_mask(MASK, CI, CNT, n_rows, n_seg, C,
+                      BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+                      HW_POPC: tl.constexpr):
+        """CI[row, :count] = the keys whose bits are set in MASK[row, :], in key order; CNT[row] = count.
+
+        A row's slots start at the popcount of the segments before it; each round
+        takes the lowest set bit of every segment, so rounds = most bits in one segment.
+        """
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        segs = tl.arange(0, BLOCK_S)
+        ok = (rows[:, None] < n_rows) & (segs[None, :] < n_seg)
+        bits = tl.load(MASK + rows[:, None].to(tl.int64) * n_seg + segs[None, :], mask=ok, other=0)
+        pc = _popc64(bits, HW_POPC)
+        slot = tl.cumsum(pc, 1) - pc
+        tl.store(CNT + rows, tl.sum(pc, 1), mask=rows < n_rows)
+        dst = CI + rows[:, None].to(tl.int64) * C
+        for _ in range(0, tl.max(tl.max(pc, 1), 0)):
+            has = bits != 0
+            pos = _popc64((bits & -bits) - 1, HW_POPC)  # index of the lowest set bit
+            tl.store(dst + slot, segs[None, :] * BLOCK_N + pos, mask=has & (slot < C))
+            slot += has.to(tl.int32)
+            bits = bits & (bits - 1)
+
+    @triton.jit
+    def _rescore(Q, K, CI, CV, CNT, n_rows, Lq, H, G, C,
+                 stride_qb, stride_qh, stride_qi, stride_qd,
+                 stride_kb, stride_kh, stride_kj, stride_kd,
+                 HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """CV[row, c] = float32 q . k of candidate CI[row, c] (slots past the row's count stay as they are)."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < n_rows
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d[None, :] < HEAD_DIM
+        bh = rows // Lq
+        i = rows % Lq
+        b = bh // H
+        h = bh % H
+        q = tl.load(Q + b[:, None] * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qi
+                    + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok, other=0.0).to(tl.float32)
+        k_row = K + b * stride_kb + (h // G) * stride_kh
+        cnt = tl.minimum(tl.load(CNT + rows, mask=row_ok, other=0), C)
+        base = rows.to(tl.int64) * C
+        for c in range(0, tl.max(cnt, 0)):
+            live = c < cnt
+            key = tl.load(CI + base + c, mask=live, other=0)
+            kk = tl.load(k_row[:, None] + key[:, None] * stride_kj + offs_d[None, :] * stride_kd,
+                         mask=live[:, None] & d_ok, other=0.0).to(tl.float32)
+            tl.store(CV + base + c, tl.sum(q * kk, 1), mask=live)
 
     @triton.jit
     def _kth_largest(X, OUT, n_rows, n_cols, K,
@@ -211,10 +316,14 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << max(n - 1, 0).bit_length())
 
 
+_APPENDS = {"scan": 0, "atomic": 1, "bits": 2, "mask": 3}
+
+
 def fused_topk_attention(q, k, v, top_k: int, *, causal: bool = False, scale: float | None = None,
                          capacity: int | None = None, block_m: int = 64, block_n: int | None = None,
                          query_chunk_size: int = 4096, num_warps: int = 4, num_stages: int = 2,
-                         select: str = "triton", atomic: bool = False, gather: str = "triton"):
+                         select: str = "triton", atomic: bool = False, gather: str = "triton",
+                         append: str = "mask"):
     """Each query attends to its ``top_k`` highest-scoring allowed keys; same result as ``topk_attention``.
 
     Args:
@@ -231,25 +340,78 @@ def fused_topk_attention(q, k, v, top_k: int, *, causal: bool = False, scale: fl
         query_chunk_size: queries per step of the final gather of values (bounds its memory).
         select: "triton" picks the threshold and the final k with sorts in registers
             (one row block per program); "torch" uses ``torch.topk`` for both.
-        atomic: append candidates with one atomic per passing key (True) or a
-            prefix sum over each tile (False, the default: 6.5 ms against 9.6 ms
-            for this pass at L=16384 on an H200; with atomics the order of
+        append: how pass 2 builds each row's candidate list:
+            "mask" (default) stores only a 64-bit mask per row and segment; a second
+            kernel turns the bits into key indices and a third scores those keys
+            again (a float32 dot product per candidate: the final pick may differ
+            from the tile's scores only among keys tied to rounding);
+            "bits" appends in the tile, a slot being the popcount of the row's bits below the key;
+            "scan" a prefix sum over the tile (6.5 ms for this pass at L=16384 on an
+            H200, run 4); "atomic" one atomic per passing key (9.6 ms; the order of
             candidates, and so the choice among exactly tied scores, may vary).
+            "mask" and "bits" need block_n <= 64 and fall back to "scan" above that.
+        atomic: True is the older spelling of append="atomic".
         gather: "triton" fuses the softmax and the gather of the k values per query;
             "torch" gathers them with ``gather_kv`` in query chunks.
 
     Returns:
         (B, H, Lq, Dv) in q's dtype; rows with no allowed key are zeros. Not differentiable.
-        Extra memory: Lq * (Lk / block_n + 3 * capacity) numbers per head, plus one
+        Extra memory: Lq * (2 * Lk / block_n + 3 * capacity) numbers per head, plus one
         value gather of ``query_chunk_size * top_k * Dv`` per head.
     """
-    global last_overflow_rows
     if triton is None:
         raise RuntimeError("fused_topk_attention needs Triton, which is not installed")
     B, H, Hkv, Lq, Lk, D, Dv = check_qkv(q, k, v)
     check_int(top_k, "top_k", minimum=1)
     check_int(query_chunk_size, "query_chunk_size", minimum=1)
     scale = resolve_scale(scale, D)
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q, k, v must be float16, bfloat16 or float32 for the fused kernels, got {q.dtype}")
+    for name, val in (("select", select), ("gather", gather)):
+        if val not in ("triton", "torch"):
+            raise ValueError(f"{name} must be 'triton' or 'torch', got {val!r}")
+    if Lq == 0 or Lk == 0:
+        return q.new_zeros(B, H, Lq, Dv)
+    vals, idx = fused_topk_select(q, k, top_k, causal=causal, capacity=capacity, block_m=block_m,
+                                  block_n=block_n, num_warps=num_warps, num_stages=num_stages, select=select,
+                                  append="atomic" if atomic else append)
+    K = vals.shape[-1]
+    dev = q.device
+    n_rows = B * H * Lq
+    idx = idx.masked_fill(torch.isneginf(vals), -1)
+    if gather == "triton":
+        out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=dev)
+        br = 32
+        _softmax_gather[(triton.cdiv(n_rows, br),)](
+            vals.contiguous(), idx.contiguous(), v, out, n_rows, Lq, H, H // Hkv, K, scale, *v.stride(),
+            *out.stride(), V_DIM=Dv, BLOCK_R=br, BLOCK_K=_pow2(K, 1), BLOCK_DV=_pow2(Dv), num_warps=4)
+        return out
+    weights = torch.softmax(vals * scale, dim=-1).nan_to_num_(0.0)  # a row of -inf: no allowed key
+    weights = rearrange(weights, "(b h) i s -> b h i s", b=B)
+    idx = rearrange(idx, "(b h) i s -> b h i s", b=B)
+    out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=dev)
+    for i0 in range(0, Lq, query_chunk_size):
+        sl = slice(i0, i0 + query_chunk_size)
+        to_kv = lambda t: rearrange(t[:, :, sl], "b (hk g) i s -> b hk (g i) s", hk=Hkv)  # noqa: E731
+        v_sel = gather_kv(v, to_kv(idx).clamp(min=0))
+        o = torch.einsum("bhrs,bhrsd->bhrd", to_kv(weights).to(v.dtype), v_sel)
+        out[:, :, sl] = rearrange(o, "b hk (g i) d -> b (hk g) i d", g=H // Hkv)
+    return out
+
+
+def fused_topk_select(q, k, top_k: int, *, causal: bool = False, capacity: int | None = None,
+                      block_m: int = 64, block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                      select: str = "triton", append: str = "mask"):
+    """The selection step of ``fused_topk_attention`` alone (same arguments).
+
+    Returns ``(scores, indices)``, each (B * H, Lq, min(top_k, Lk)): the float32
+    unscaled scores q.k of each row's picked keys and their key indices (int64),
+    in no particular order; a slot with no allowed key holds -inf (its index is
+    arbitrary). Sets ``last_overflow_rows``.
+    """
+    global last_overflow_rows
+    B, H, Hkv, Lq, Lk, D, _ = check_qkv(q, k, k)
+    check_int(top_k, "top_k", minimum=1)
     if q.dtype not in _DTYPES:
         raise TypeError(f"q, k, v must be float16, bfloat16 or float32 for the fused kernels, got {q.dtype}")
     if block_n is None:
@@ -259,14 +421,15 @@ def fused_topk_attention(q, k, v, top_k: int, *, causal: bool = False, scale: fl
     for name, val in (("block_m", block_m), ("block_n", block_n)):
         if check_int(val, name, minimum=16) & (val - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {val}")
-    for name, val in (("select", select), ("gather", gather)):
-        if val not in ("triton", "torch"):
-            raise ValueError(f"{name} must be 'triton' or 'torch', got {val!r}")
+    if select not in ("triton", "torch"):
+        raise ValueError(f"select must be 'triton' or 'torch', got {select!r}")
+    if append not in _APPENDS:
+        raise ValueError(f"append must be one of {sorted(_APPENDS)}, got {append!r}")
+    if append in ("bits", "mask") and block_n > 64:  # one int64 mask per row and tile
+        append = "scan"
     K = min(top_k, Lk)
     C = capacity if capacity is not None else max(4 * K, 128)
     check_int(C, "capacity", minimum=max(K, 1))
-    if Lq == 0 or Lk == 0:
-        return q.new_zeros(B, H, Lq, Dv)
     n_seg = triton.cdiv(Lk, block_n)
     dev = q.device
     common = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D), CAUSAL=bool(causal),
@@ -292,7 +455,20 @@ def fused_topk_attention(q, k, v, top_k: int, *, causal: bool = False, scale: fl
     cand_v = torch.full((B * H, Lq, C), float("-inf"), device=dev)
     cand_i = torch.full((B * H, Lq, C), -1, dtype=torch.int32, device=dev)
     count = torch.zeros((B * H, Lq), dtype=torch.int32, device=dev)
-    _collect[grid](q, k, tau, cand_v, cand_i, count, *strides, H, H // Hkv, Lq, Lk, C, ATOMIC=atomic, **common)
+    if append == "mask":
+        # causal: tiles after a row block's last query are never visited, so their bits must start at 0
+        mask = (torch.zeros if causal else torch.empty)((B * H, Lq, n_seg), dtype=torch.int64, device=dev)
+        _collect_mask[grid](q, k, tau, mask, *strides, H, H // Hkv, Lq, Lk, n_seg, **common)
+        br = max(1, min(16, 4096 // _pow2(n_seg)))
+        _compact_mask[(triton.cdiv(n_rows, br),)](mask, cand_i, count, n_rows, n_seg, C, BLOCK_N=block_n,
+                                                   BLOCK_R=br, BLOCK_S=_pow2(n_seg), HW_POPC=_HW_POPC,
+                                                   num_warps=4)
+        del mask
+        _rescore[(triton.cdiv(n_rows, 32),)](q, k, cand_i, cand_v, count, n_rows, Lq, H, H // Hkv, C,
+                                             *strides, HEAD_DIM=D, BLOCK_R=32, BLOCK_D=_pow2(D), num_warps=4)
+    else:
+        _collect[grid](q, k, tau, cand_v, cand_i, count, *strides, H, H // Hkv, Lq, Lk, C,
+                       APPEND=_APPENDS[append], HW_POPC=_HW_POPC, **common)
     if select == "triton" and C <= 4096:
         vals = torch.full((B * H, Lq, K), float("-inf"), device=dev)
         idx32 = torch.full((B * H, Lq, K), -1, dtype=torch.int32, device=dev)
@@ -309,26 +485,7 @@ def fused_topk_attention(q, k, v, top_k: int, *, causal: bool = False, scale: fl
     last_overflow_rows = over.shape[0]
     if last_overflow_rows:
         _redo_rows(q, k, over, vals, idx, K, causal, H // Hkv)
-
-    idx = idx.masked_fill(torch.isneginf(vals), -1)
-    if gather == "triton":
-        out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=dev)
-        br = 32
-        _softmax_gather[(triton.cdiv(n_rows, br),)](
-            vals.contiguous(), idx.contiguous(), v, out, n_rows, Lq, H, H // Hkv, K, scale, *v.stride(),
-            *out.stride(), V_DIM=Dv, BLOCK_R=br, BLOCK_K=_pow2(K, 1), BLOCK_DV=_pow2(Dv), num_warps=4)
-        return out
-    weights = torch.softmax(vals * scale, dim=-1).nan_to_num_(0.0)  # a row of -inf: no allowed key
-    weights = rearrange(weights, "(b h) i s -> b h i s", b=B)
-    idx = rearrange(idx, "(b h) i s -> b h i s", b=B)
-    out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=dev)
-    for i0 in range(0, Lq, query_chunk_size):
-        sl = slice(i0, i0 + query_chunk_size)
-        to_kv = lambda t: rearrange(t[:, :, sl], "b (hk g) i s -> b hk (g i) s", hk=Hkv)  # noqa: E731
-        v_sel = gather_kv(v, to_kv(idx).clamp(min=0))
-        o = torch.einsum("bhrs,bhrsd->bhrd", to_kv(weights).to(v.dtype), v_sel)
-        out[:, :, sl] = rearrange(o, "b hk (g i) d -> b (hk g) i d", g=H // Hkv)
-    return out
+    return vals, idx
 
 
 def _redo_rows(q, k, over, vals, idx, K, causal, G):
