@@ -9,18 +9,22 @@ the scores (docs/benchmarks.md). Here the scores never leave the chip:
 2. The k-th largest segment maximum is a threshold t with at least k keys at or
    above it (one per segment), so every top-k key scores >= t.
 3. The same walk again finds the keys scoring >= t. By default
-   (``append="mask"``) ``_collect_mask`` stores only one 64-bit mask per row and
-   segment, as cheap as pass 1; ``_compact_mask`` turns the set bits into a short
-   per-row candidate list and ``_rescore`` computes those keys' scores again.
-   ``_collect`` instead appends in the tile (slots from a popcount of the row's
-   bits, a prefix sum, or atomics).
-4. ``torch.topk`` over the candidates (``capacity`` per row) picks the k keys.
+   (``append="mask"``, not causal) ``_collect_mask`` stores only one 64-bit
+   mask per row and segment (1.6 ms against 0.93 for pass 1 at L=16384 on an
+   H200; appending per key in the tile took 6.5 ms); ``_compact_mask`` turns
+   the set bits into a short per-row candidate list and ``_rescore`` computes
+   those keys' scores again. ``_collect`` instead appends in the tile (slots
+   from a popcount of the row's bits, a prefix sum, or atomics).
+4. A sort in registers (or ``torch.topk``) over the candidates (``capacity``
+   per row) picks the k keys.
 
-On random data about 1.15 k keys pass the threshold (k=64, 16k keys), far
-under the ``capacity`` of 4 k. A row that overflows (many equal scores, or an
+On random data about 1.15 k keys pass the threshold (k=64, 16k keys; 1.4 k at
+most), under the default ``capacity`` of 2 k. A row that overflows (many equal scores, or an
 early causal row whose threshold is -inf) is redone exactly in PyTorch, so the
 result is exact for every input; ``last_overflow_rows`` says how many were.
-Scores are float32 dot products of the inputs (IEEE for float32 inputs).
+Scores are float32 dot products of the inputs (IEEE for float32 inputs); with
+"mask" the final pick uses the re-computed scores, which round differently
+from the tile's, so keys tied to about 1e-5 at the k-th place may swap.
 """
 from __future__ import annotations
 
@@ -424,8 +428,8 @@ def fused_topk_select(q, k, top_k: int, *, causal: bool = False, capacity: int |
     if select not in ("triton", "torch"):
         raise ValueError(f"select must be 'triton' or 'torch', got {select!r}")
     if append is None:
-        # "mask" differed from float64 on causal inputs on the H200 (run 8: 4.9e-4 against
-        # 3.5e-7 for "scan", fp32, L=4096); until that is understood, causal stays on "scan".
+        # Causal inputs stay on "scan": "mask" is untimed there, and in one causal fp32 case
+        # its re-scored near-ties moved the output by 4.9e-4 (docs/benchmarks.md, runs 8-9).
         append = "scan" if causal else "mask"
     if append not in _APPENDS:
         raise ValueError(f"append must be one of {sorted(_APPENDS)}, got {append!r}")
