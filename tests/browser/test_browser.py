@@ -7,7 +7,7 @@ from playwright.sync_api import expect
 
 from sparse_attn.i18n import t
 
-from .helpers import MAPS, signature, trace_count, wait_for_new_signature, wait_for_plot, wait_idle
+from .helpers import MAPS, set_slider, signature, trace_count, wait_for_new_signature, wait_for_plot, wait_idle
 
 SHOTS = os.environ.get("SPARSE_ATTN_SCREENSHOTS")  # a folder: save the screenshots there (docs/screenshots)
 
@@ -35,10 +35,8 @@ def test_moving_k_updates_the_sparse_heatmap(page, app_url):
     before = open_app(page, app_url)
     slider = k_slider(page)
     assert slider.input_value() == "32"
-    slider.focus()
-    for _ in range(8):
-        page.keyboard.press("ArrowLeft")
-    after = wait_for_new_signature(page, before)
+    set_slider(page, slider, 24)
+    wait_for_new_signature(page, before)
     wait_idle(page)
     after = signature(page)
     assert slider.input_value() == "24"
