@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 from ._checks import check_int, check_qkv, resolve_scale
 from .topk import StreamingTopK
 
-__all__ = ["Selection", "dense_attention", "topk_attention", "causal_mask", "gather_kv"]
+__all__ = ["Selection", "dense_attention", "topk_attention", "causal_mask", "gather_kv", "weighted_gather_sum"]
 
 
 class Selection(NamedTuple):
@@ -104,6 +105,25 @@ def gather_kv(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return x.reshape(B * Hkv * L, D)[flat].view(B, Hkv, R, K, D)
 
 
+def weighted_gather_sum(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_s weights[..., s] * x[b, h, indices[..., s]]``: (B, Hkv, L, D), (B, Hkv, R, K) x2 -> (B, Hkv, R, D).
+
+    ``F.embedding_bag`` gathers and reduces in one pass, so the (R, K, D)
+    block of picked rows that ``gather_kv`` would build never exists: that
+    block is larger than the score tile it came from whenever K * D > chunk.
+    Differentiable with respect to ``x`` and ``weights``; indices must be in [0, L).
+    """
+    B, Hkv, L, D = x.shape
+    R, K = indices.shape[-2:]
+    base = torch.arange(B * Hkv, device=x.device).view(B, Hkv, 1, 1) * L
+    if K == 0 or L == 0:
+        return x.new_zeros(B, Hkv, R, D)
+    flat = (indices + base).reshape(B * Hkv * R, K)
+    out = F.embedding_bag(flat, x.reshape(B * Hkv * L, D), per_sample_weights=weights.reshape(B * Hkv * R, K).to(x.dtype),
+                          mode="sum")
+    return out.view(B, Hkv, R, D)
+
+
 def topk_attention(
     q,
     k,
@@ -179,8 +199,7 @@ def topk_attention(
             vals = rearrange(vals, "b hk (g i) s -> b hk g i s", i=nq)
         vals = vals.masked_fill(~valid, float("-inf"))
         weights = _safe_softmax(vals)
-        v_sel = gather_kv(v, flat(idx_safe))
-        out = torch.einsum("bhrs,bhrsd->bhrd", flat(weights), v_sel)
+        out = weighted_gather_sum(v, flat(idx_safe), flat(weights))
         outs.append(rearrange(out, "b hk (g i) d -> b hk g i d", i=nq))
         if return_selection:
             sel_idx.append(idx.masked_fill(~valid, -1))
@@ -206,12 +225,17 @@ def _select_block(qb, k, K, kc, scale, causal, i0):
     """
     B, Hkv, G, nq, _ = qb.shape
     Lk = k.shape[2]
+    # A positive scale does not change which keys win: rank raw dot products
+    # and scale only the K winners, saving a pass over every score tile.
+    tile_scale = 1.0 if scale > 0 else scale
     acc = StreamingTopK(K)
     last_query = i0 + nq - 1
     for j0 in range(0, Lk, kc):
         if causal and j0 > last_query:
             break
-        s = torch.einsum("bhgid,bhjd->bhgij", qb, k[:, :, j0 : j0 + kc]) * scale
+        s = torch.einsum("bhgid,bhjd->bhgij", qb, k[:, :, j0 : j0 + kc])
+        if tile_scale != 1.0:
+            s = s * tile_scale
         if causal and j0 + s.shape[-1] - 1 > i0:
             s = s.masked_fill(~causal_mask(nq, s.shape[-1], qb.device, q_offset=i0 - j0), float("-inf"))
         acc.update(s, offset=j0)
@@ -219,6 +243,8 @@ def _select_block(qb, k, K, kc, scale, causal, i0):
         shape = (B, Hkv, G, nq, K)
         return qb.new_full(shape, float("-inf")), torch.full(shape, -1, dtype=torch.long, device=qb.device)
     vals, idx = acc.result(sorted=True)
+    if tile_scale == 1.0:
+        vals = vals * scale
     if vals.shape[-1] < K:  # causal blocks that have seen fewer than K keys
         pad = K - vals.shape[-1]
         vals = torch.nn.functional.pad(vals, (0, pad), value=float("-inf"))

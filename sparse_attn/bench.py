@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-from .attention import topk_attention
+from .attention import causal_mask, topk_attention
 
-__all__ = ["Timing", "Case", "METHODS", "time_fn", "measure_case", "run_case_subprocess", "main"]
+__all__ = ["Timing", "Case", "METHODS", "time_fn", "measure_case", "run_case_subprocess", "seed_topk_attention", "main"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -86,8 +86,36 @@ def _sdpa(q, k, v, case):
     return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa)
 
 
+def seed_topk_attention(q, k, v, top_k: int, *, causal: bool = False):
+    """The seed's algorithm with its crash fixed, kept as the baseline it was.
+
+    Whole (Lq, Lk) score matrix, ``torch.topk``, gather the picked keys *and*
+    values (B, H, Lq, K, D), score the picked keys again, softmax, weighted
+    sum. The library's ``topk_attention`` does the same selection without
+    the second gather and the re-scoring. Shapes as ``topk_attention``.
+    """
+    H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
+    k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
+    scores = q @ k.transpose(-2, -1) / D**0.5
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    K = min(top_k, k.shape[2])
+    idx = torch.topk(scores, K, dim=-1).indices  # (B, H, Lq, K)
+    pick = lambda t: torch.gather(  # noqa: E731  the seed's gather, with the index expanded to 5-d
+        t.unsqueeze(2).expand(-1, -1, idx.shape[2], -1, -1), 3, idx.unsqueeze(-1).expand(-1, -1, -1, -1, t.shape[-1]))
+    k_sel, v_sel = pick(k), pick(v)
+    att = (q.unsqueeze(3) @ k_sel.transpose(3, 4)).squeeze(3) / D**0.5
+    if causal:
+        att = att.masked_fill(idx > torch.arange(q.shape[2], device=q.device).view(-1, 1), float("-inf"))
+    return (torch.softmax(att, dim=-1).unsqueeze(3) @ v_sel).squeeze(3)
+
+
+def _seed_topk(q, k, v, case):
+    return lambda: seed_topk_attention(q, k, v, case.top_k, causal=case.causal)
+
+
 def _full_topk(q, k, v, case):
-    # The seed's approach made to work: the whole (Lq, Lk) score matrix, torch.topk, gather.
+    # The library's own full-score mode: the whole (Lq, Lk) score matrix, one torch.topk.
     return lambda: topk_attention(q, k, v, case.top_k, causal=case.causal, chunk_size=None)
 
 
@@ -188,6 +216,7 @@ METHODS: dict[str, Callable] = {
     "sdpa": _sdpa,
     "sdpa_flash": _sdpa_backend("FLASH_ATTENTION"),
     "sdpa_cudnn": _sdpa_backend("CUDNN_ATTENTION"),
+    "seed_topk": _seed_topk,
     "full_topk": _full_topk,
     "streaming_topk": _streaming_topk,
     "prefilter_topk": _prefilter_topk,
@@ -239,13 +268,40 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (VmHWM) to the current RSS.
+
+    Without it the peak would include whatever importing torch and friends
+    touched before the call. Linux only; False where it is not allowed.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM where /proc has it, else ``ru_maxrss`` (the lifetime peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def measure_case(case: Case, *, timing: bool = True) -> dict:
     """Run one case in this process: peak memory of a single call, then timing.
 
     Returns a flat dict (the case's fields plus results). On the CPU the peak is
-    ``ru_maxrss`` after the call, and ``peak_extra_bytes`` is that minus the
-    resident set just before it (inputs already allocated) - meaningful only in
-    a fresh process, which ``run_case_subprocess`` provides.
+    the resident set's high-water mark during the call (reset just before it),
+    and ``peak_extra_bytes`` is that minus the resident set just before the
+    call (inputs already allocated). A fresh process (``run_case_subprocess``)
+    keeps other cases' freed-but-cached memory out of it.
     """
     if case.method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {case.method!r}")
@@ -267,9 +323,10 @@ def measure_case(case: Case, *, timing: bool = True) -> dict:
         torch.cuda.synchronize()
         row["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
     else:
+        _reset_peak_rss()
         base = _rss_bytes()
         fn()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        peak = _peak_rss_bytes()
         row["peak_rss_bytes"] = peak
         row["peak_extra_bytes"] = max(peak - base, 0)
     if timing:
@@ -307,8 +364,10 @@ def estimate_bytes(case: Case) -> int:
     inputs = B * (2 * H + 2 * hkv) * L * D * e
     rows = B * H * L
     m = case.method
-    if m in ("full_topk",):
+    if m == "full_topk":
         extra = rows * L * (e + 8) * 2
+    elif m == "seed_topk":
+        extra = rows * L * e * 2 + rows * min(case.top_k, L) * (2 * D * e + 8) + 2 * rows * L * D * e // max(H // hkv, 1)
     elif m in ("streaming_topk", "prefilter_topk"):
         extra = B * H * min(case.chunk_size, L) * L * (e + 8) * 2 + rows * case.top_k * (D * e + 16)
     elif m == "fused_topk":
@@ -544,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparse_attn.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("topk", help="dense SDPA vs full-score top-k vs streaming top-k: time and peak memory")
-    p.add_argument("--methods", nargs="+", default=["sdpa", "full_topk", "streaming_topk"])
+    p.add_argument("--methods", nargs="+", default=["sdpa", "seed_topk", "full_topk", "streaming_topk"])
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
