@@ -9,10 +9,6 @@ other test in the suite, keeps the ordinary Triton.
 from __future__ import annotations
 
 import math
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,7 +22,7 @@ from sparse_attn.kernels.topk_prefilter import prefilter_topk_attention
 triton = pytest.importorskip("triton")
 import sparse_attn.kernels.selected_block as sb_module  # noqa: E402 (after the Triton check)
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from tests.triton_interpreter import INTERPRETED, run_kernel_tests  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +33,7 @@ def sb():
 if not INTERPRETED:
 
     def test_kernels_under_triton_interpreter():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k", "kernel_"],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-        passed = re.search(r"(\d+) passed", proc.stdout)
-        assert passed and int(passed.group(1)) >= 18, proc.stdout[-2000:]  # every kernel test ran
+        run_kernel_tests(__file__, min_passed=18)
 
 
 def reference(q, k, v, idx, block_size, causal, scale=None):

@@ -11,10 +11,6 @@ interpreter gets bfloat16 arithmetic wrong, so bfloat16 is checked on the GPU
 from __future__ import annotations
 
 import math
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,20 +21,13 @@ from sparse_attn import nsa
 triton = pytest.importorskip("triton")
 from sparse_attn.kernels import compressed as cmp  # noqa: E402 (after the Triton check)
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from tests.triton_interpreter import INTERPRETED, run_kernel_tests  # noqa: E402
 
 
 if not INTERPRETED:
 
     def test_compressed_kernel_under_triton_interpreter():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k", "kernel_"],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-        passed = re.search(r"(\d+) passed", proc.stdout)
-        assert passed and int(passed.group(1)) >= 12, proc.stdout[-2000:]  # every kernel test ran
+        run_kernel_tests(__file__, min_passed=12)
 
     def test_dispatch_stays_on_pytorch_off_cuda(monkeypatch):
         # On the CPU the kernel is never called: poison it and nsa_attention must still work.
