@@ -42,6 +42,11 @@ from .._checks import check_int, resolve_scale
 __all__ = ["compressed_attention_triton", "triton_supports", "DEFAULTS"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# float32 tiles at the tuned defaults (16 query heads per group, head dim 128)
+# need 257 KiB of shared memory, over an H200's 227 KiB: the launch fails.
+# So nsa_attention sends float32 to the PyTorch path; the kernel itself still
+# takes float32 where the caller picks smaller blocks.
+_DISPATCH_DTYPES = (torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 
 # Launch settings: the fastest of 9 on an H200 at L=65536 (docs/benchmarks.md; 22.9 ms,
@@ -56,11 +61,11 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
 
 
 def triton_supports(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> bool:
-    """True when the kernel can run these inputs: CUDA tensors of one dtype, fp16 / bf16 / fp32."""
+    """True when nsa_attention should use the kernel: CUDA tensors of one dtype, fp16 / bf16."""
     return (
         triton is not None
         and q.is_cuda
-        and q.dtype in _DTYPES
+        and q.dtype in _DISPATCH_DTYPES
         and k_cmp.dtype == q.dtype == v_cmp.dtype
         and k_cmp.device == q.device == v_cmp.device
     )
