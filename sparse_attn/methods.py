@@ -1,7 +1,9 @@
-"""One registry entry per attention method, each with a uniform result and a cost model.
+"""One registry of attention methods: a name, the settings it reads, a uniform result and a cost model each.
 
-The app, the sweeps and the notebooks loop over ``METHODS`` instead of
-knowing each method: adding a method is one ``register(Method(...))`` call.
+The app, the accuracy-vs-budget sweep, the benchmark command line and the
+notebooks loop over ``METHODS`` instead of knowing each method, and refuse a
+name that is not a key: adding a method is one ``register(Method(...))`` call
+(docs/architecture.md).
 
 Every method has
 - ``forward(q, k, v, cfg)``: the plain output (B, H, Lq, Dv); this is what gets timed;
@@ -9,57 +11,52 @@ Every method has
   (B, H, Lq, Lk) attention weights, the selection mask, keys scored / attended
   per query, and estimated FLOPs and memory;
 - ``cost(shape, cfg, itemsize)``: the same estimates without running anything,
-  which ``check_budget`` uses to refuse settings before they can exhaust memory.
+  which the app uses to refuse settings before they can exhaust memory.
 
-Settings a method cannot use are ignored. Bad settings raise ``SettingError``
-(a ValueError with a ``code`` and ``params`` the app translates).
+Stages and baselines (NSA's branches alone, the seed's top-k) have only a
+``forward``: they are there to be timed. Settings a method cannot use are
+ignored. Bad settings raise ``SettingError`` (a ``CodedError`` the app translates).
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_qkv
-from .attention import dense_attention, topk_attention
-from .nsa import nsa_attention
-from .sampling import sampled_attention
+from ._checks import CodedError, check_qkv, resolve_scale
+from .ops.dense import dense_attention
+from .ops.nsa import compress_kv, compressed_attention, nsa_attention, random_block_indices, selected_block_attention
+from .ops.sampling import PROPOSALS, sampled_attention
+from .ops.seed_topk import seed_topk_attention
+from .ops.sliding_window import sliding_window_attention
+from .ops.topk import topk_attention
 
 __all__ = [
-    "Config", "Shape", "Cost", "MethodResult", "Method", "SettingError", "BudgetError",
-    "METHODS", "register", "choices", "shape_of", "check_budget", "estimate_view_memory",
-    "default_budget_bytes",
+    "Config", "Shape", "Cost", "MethodResult", "Method", "SettingError", "ROLES",
+    "METHODS", "register", "choices", "check_method", "shape_of", "allowed_pairs",
 ]
 
 
-class SettingError(ValueError):
-    """A setting the app should explain: ``code`` names a message, ``params`` fill it."""
-
-    def __init__(self, code: str, message: str, **params: object):
-        super().__init__(message)
-        self.code = code
-        self.params = params
-
-
-class BudgetError(SettingError):
-    """The estimated memory exceeds the budget; ``params['setting']`` is the one to lower."""
+class SettingError(CodedError):
+    """A method setting the app should explain: ``code`` names a message, ``params`` fill it."""
 
 
 @dataclass(frozen=True)
 class Config:
-    """Method settings; each method reads only the ones it needs."""
+    """Method settings, named as the ops' keyword arguments; each method reads only the ones it needs."""
 
     top_k: int = 32
     num_samples: int = 64
-    chunk_size: int | None = 64
-    block_size: int = 16
-    num_blocks: int = 4
-    window: int = 32
     proposal: str = "lsh"
+    chunk_size: int | None = 64
+    compress_block_size: int = 16
+    compress_block_sliding_stride: int | None = None  # None: compress_block_size (no overlap)
+    selection_block_size: int = 16
+    num_selected_blocks: int = 4
+    sliding_window_size: int = 32
     causal: bool = False
     scale: float | None = None
     seed: int = 0
@@ -101,21 +98,39 @@ class MethodResult:
     cost: Cost
 
 
+# "reference": dense attention; "method": a student picks it; "timing": timed beside its twin;
+# "stage": one piece of a method, timed alone; "baseline": what the library is measured against.
+ROLES = ("reference", "method", "timing", "stage", "baseline")
+
+
 @dataclass(frozen=True)
 class Method:
-    key: str                      # stable id, used in URLs and catalogs ("method.<key>")
+    key: str                      # the one name: URLs, catalogs ("method.<key>"), sweeps, benchmarks
     forward: Callable             # (q, k, v, cfg) -> output
-    run: Callable                 # (q, k, v, cfg) -> MethodResult
-    cost: Callable                # (Shape, cfg, itemsize) -> Cost
+    run: Callable | None = None   # (q, k, v, cfg) -> MethodResult; None for stages and baselines
+    cost: Callable | None = None  # (Shape, cfg, itemsize) -> Cost
     params: tuple[str, ...] = ()  # Config fields it reads (the sidebar shows these)
-    budget_param: str | None = None  # the Config field an accuracy-vs-budget sweep varies
-    role: str = "method"          # "reference", "method" (user picks it), "timing" (timed only)
+    role: str = "method"          # one of ROLES
     validate: Callable | None = None
+    # How a budget of keys per query sets this method's Config (None: no single knob, as in NSA);
+    # returns None where the budget is too small for the method.
+    at_budget: Callable[[Config, int], Config | None] | None = None
+    # (q, k, v, cfg) -> a zero-argument call to time, when inputs must be prepared first
+    # (random block indices for the selected branch); default: forward on the given inputs.
+    prepare: Callable | None = None
     # Another entry that selects exactly the same keys, faster on small inputs: pictures and
     # sweeps may run it instead (streaming top-k's chunk size changes speed and memory, never the result).
     same_result_as: str | None = None
     # Extra (B, H, Lq, Lk) maps ``run`` holds beyond the weights and mask (NSA's per-branch maps).
     picture_maps: int = 0
+
+    def timed(self, q, k, v, cfg: Config) -> Callable[[], torch.Tensor]:
+        """A zero-argument call that computes this method's output on q, k, v: what benchmarks time."""
+        if self.validate is not None:
+            self.validate(cfg)
+        if self.prepare is not None:
+            return self.prepare(q, k, v, cfg)
+        return lambda: self.forward(q, k, v, cfg)
 
     def run_for_picture(self, q, k, v, cfg: Config) -> MethodResult:
         """``run`` through ``same_result_as`` when set, with this method's own cost estimate."""
@@ -133,6 +148,8 @@ METHODS: dict[str, Method] = {}
 
 def register(method: Method) -> Method:
     """Add ``method`` to the registry under ``method.key`` (a later entry with the same key replaces it)."""
+    if method.role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {method.role!r}")
     METHODS[method.key] = method
     return method
 
@@ -140,6 +157,14 @@ def register(method: Method) -> Method:
 def choices(role: str = "method") -> list[str]:
     """Keys of the registered methods with ``role``, in registration order."""
     return [k for k, m in METHODS.items() if m.role == role]
+
+
+def check_method(name: object, *, roles=ROLES, argument: str = "method") -> "Method":
+    """The registered method called ``name`` (with one of ``roles``); else a ValueError listing the allowed names."""
+    allowed = [k for k, m in METHODS.items() if m.role in roles]
+    if not isinstance(name, str) or name not in allowed:
+        raise ValueError(f"{argument} must be one of {allowed}, got {name!r}")
+    return METHODS[name]
 
 
 def shape_of(q, k, v) -> Shape:
@@ -204,8 +229,7 @@ def _topk_cost(s: Shape, cfg: Config, itemsize: int, chunk: int | None) -> Cost:
             keys = s.Lk if not cfg.causal else min(s.Lk, math.ceil((i0 + nq) / chunk) * chunk)
             scored += nq * keys
         # topk_attention's bound: peak grows with Lq * (top_k + chunk_size), never Lq * Lk. One tile
-        # alone would underestimate: on an H200 (bf16, H=8, chunk 1024, L=16384) the peak was 681 MiB,
-        # 3x a one-tile estimate; this bound gives 1.4 GiB.
+        # alone underestimates the measured GPU peak (docs/benchmarks.md); this bound covers it.
         work = rows * s.Lq * (K + min(chunk, s.Lk)) * (itemsize + 8)
     attended = _attended_pairs(s.Lq, s.Lk, cfg.causal, K)
     q_rows = s.Lq if chunk is None else min(chunk, s.Lq)
@@ -242,16 +266,20 @@ def _topk_forward(chunked: bool):
     return forward
 
 
+def _topk_at_budget(cfg: Config, budget: int) -> Config:
+    return replace(cfg, top_k=budget)
+
+
 register(Method("dense", _dense_forward, _dense_run, _dense_cost, role="reference"))
 register(Method(
     "topk", _topk_forward(True), _topk_run(True),
     lambda s, cfg, n: _topk_cost(s, cfg, n, cfg.chunk_size),
-    params=("top_k", "chunk_size"), budget_param="top_k", validate=_topk_validate, same_result_as="topk_full",
+    params=("top_k", "chunk_size"), validate=_topk_validate, at_budget=_topk_at_budget, same_result_as="topk_full",
 ))
 register(Method(
     "topk_full", _topk_forward(False), _topk_run(False),
     lambda s, cfg, n: _topk_cost(s, cfg, n, None),
-    params=("top_k",), budget_param="top_k", role="timing", validate=_topk_validate,
+    params=("top_k",), role="timing", validate=_topk_validate, at_budget=_topk_at_budget,
 ))
 
 
@@ -266,6 +294,9 @@ def _sampling_validate(hybrid: bool):
         if hybrid:
             _topk_validate(cfg)
         _check_positive(cfg, "num_samples")
+        if cfg.proposal not in PROPOSALS:
+            raise SettingError("unknown_proposal", f"proposal must be one of {PROPOSALS}, got {cfg.proposal!r}",
+                               value=cfg.proposal, allowed=PROPOSALS)
 
     return validate
 
@@ -287,21 +318,15 @@ def _sampling_cost(hybrid: bool):
     return cost
 
 
-def _sampling_forward(hybrid: bool):
-    def forward(q, k, v, cfg: Config):
-        _sampling_validate(hybrid)(cfg)
-        return sampled_attention(q, k, v, cfg.num_samples, proposal=cfg.proposal, top_k=cfg.top_k if hybrid else 0,
-                                 causal=cfg.causal, scale=cfg.scale, generator=_generator(q, cfg.seed))
-
-    return forward
+def _sampling_call(hybrid: bool, q, k, v, cfg: Config, **kw):
+    _sampling_validate(hybrid)(cfg)
+    return sampled_attention(q, k, v, cfg.num_samples, proposal=cfg.proposal, top_k=cfg.top_k if hybrid else 0,
+                             causal=cfg.causal, scale=cfg.scale, generator=_generator(q, cfg.seed), **kw)
 
 
 def _sampling_run(hybrid: bool):
     def run(q, k, v, cfg: Config) -> MethodResult:
-        _sampling_validate(hybrid)(cfg)
-        out, sel = sampled_attention(q, k, v, cfg.num_samples, proposal=cfg.proposal, top_k=cfg.top_k if hybrid else 0,
-                                     causal=cfg.causal, scale=cfg.scale, generator=_generator(q, cfg.seed),
-                                     return_selection=True)
+        out, sel = _sampling_call(hybrid, q, k, v, cfg, return_selection=True)
         Lk = k.shape[2]
         mask = sel.mask(Lk)
         cost = _sampling_cost(hybrid)(shape_of(q, k, v), cfg, q.element_size())
@@ -312,31 +337,49 @@ def _sampling_run(hybrid: bool):
     return run
 
 
-for _hybrid, _key, _params in ((False, "sampling", ("num_samples", "proposal")),
-                               (True, "hybrid", ("top_k", "num_samples", "proposal"))):
-    register(Method(_key, _sampling_forward(_hybrid), _sampling_run(_hybrid), _sampling_cost(_hybrid),
-                    params=_params, budget_param="num_samples", validate=_sampling_validate(_hybrid)))
+def _sampling_at_budget(cfg: Config, budget: int) -> Config:
+    return replace(cfg, num_samples=budget)
+
+
+def _hybrid_at_budget(cfg: Config, budget: int) -> Config | None:
+    # Half the budget exact, the rest drawn from the tail (as vAttention splits it).
+    top_k = budget // 2
+    return None if top_k < 1 else replace(cfg, top_k=top_k, num_samples=budget - top_k)
+
+
+for _hybrid, _key, _params, _at in ((False, "sampling", ("num_samples", "proposal"), _sampling_at_budget),
+                                    (True, "hybrid", ("top_k", "num_samples", "proposal"), _hybrid_at_budget)):
+    register(Method(_key, lambda q, k, v, cfg, h=_hybrid: _sampling_call(h, q, k, v, cfg), _sampling_run(_hybrid),
+                    _sampling_cost(_hybrid), params=_params, validate=_sampling_validate(_hybrid), at_budget=_at))
 
 
 # ---- NSA-style blocks: compressed + selected + sliding, equal gates -------------------------
 
+_NSA_PARAMS = ("compress_block_size", "selection_block_size", "num_selected_blocks", "sliding_window_size")
+
+
 def _nsa_validate(cfg: Config) -> None:
-    for name in ("block_size", "num_blocks", "window"):
+    for name in _NSA_PARAMS:
         _check_positive(cfg, name)
+    if cfg.compress_block_sliding_stride is not None:
+        _check_positive(cfg, "compress_block_sliding_stride")
 
 
 def _nsa_kwargs(cfg: Config) -> dict:
-    return dict(gates=(1 / 3, 1 / 3, 1 / 3), sliding_window_size=cfg.window, compress_block_size=cfg.block_size,
-                selection_block_size=cfg.block_size, num_selected_blocks=cfg.num_blocks, causal=cfg.causal,
-                scale=cfg.scale)
+    return dict(sliding_window_size=cfg.sliding_window_size, compress_block_size=cfg.compress_block_size,
+                compress_block_sliding_stride=cfg.compress_block_sliding_stride,
+                selection_block_size=cfg.selection_block_size, num_selected_blocks=cfg.num_selected_blocks,
+                causal=cfg.causal, scale=cfg.scale)
 
 
 def _nsa_cost(s: Shape, cfg: Config, itemsize: int) -> Cost:
     half = 0.5 if cfg.causal else 1.0
-    n_cmp = (s.Lk // cfg.block_size) * half
+    stride = cfg.compress_block_sliding_stride or cfg.compress_block_size
+    n_cmp = (max(s.Lk - cfg.compress_block_size, -stride) // stride + 1) * half
     # Blocks or a window beyond the keys there are add nothing (selection and the sliding band stop at Lk):
-    # counting them refused the largest NSA settings even at L = 256 and named the wrong setting to lower.
-    near = min(cfg.num_blocks, -(-s.Lk // cfg.block_size)) * cfg.block_size + min(cfg.window, s.Lk)
+    # counting them would refuse the largest settings even at small L, naming the wrong setting to lower.
+    sel = cfg.selection_block_size
+    near = min(cfg.num_selected_blocks, -(-s.Lk // sel)) * sel + min(cfg.sliding_window_size, s.Lk)
     attended = min(s.Lk * half, n_cmp + near)
     scored = n_cmp + near  # compressed scores also rank the blocks
     rows = s.B * s.H * s.Lq
@@ -345,87 +388,62 @@ def _nsa_cost(s: Shape, cfg: Config, itemsize: int) -> Cost:
     return Cost(float(flops), float(memory), float(scored), float(attended))
 
 
+_EQUAL_GATES = (1 / 3, 1 / 3, 1 / 3)
+
+
 def _nsa_forward(q, k, v, cfg: Config):
     _nsa_validate(cfg)
-    return nsa_attention(q, k, v, **_nsa_kwargs(cfg))
+    return nsa_attention(q, k, v, gates=_EQUAL_GATES, **_nsa_kwargs(cfg))
 
 
 def _nsa_run(q, k, v, cfg: Config) -> MethodResult:
     _nsa_validate(cfg)
-    out, maps = nsa_attention(q, k, v, **_nsa_kwargs(cfg), return_maps=True)
+    out, maps = nsa_attention(q, k, v, gates=_EQUAL_GATES, **_nsa_kwargs(cfg), return_maps=True)
     mask = maps.combined > 0
     cost = _nsa_cost(shape_of(q, k, v), cfg, q.element_size())
     cost = cost._replace(keys_attended=float(mask.sum(-1).float().mean()) if mask.numel() else 0.0)
     return MethodResult(out, maps.combined, mask, cost)
 
 
-register(Method("nsa", _nsa_forward, _nsa_run, _nsa_cost, params=("block_size", "num_blocks", "window"),
-                budget_param="num_blocks", validate=_nsa_validate, picture_maps=6))
+register(Method("nsa", _nsa_forward, _nsa_run, _nsa_cost, params=_NSA_PARAMS, validate=_nsa_validate,
+                picture_maps=6))
 
 
-# ---- memory budget ---------------------------------------------------------------------------
+# ---- NSA's branches alone, to time each stage -----------------------------------------------
 
-def default_budget_bytes() -> int:
-    """2 GiB (a laptop shared with a browser), or ``SPARSE_ATTN_MEMORY_BUDGET_MB`` when set."""
-    raw = os.environ.get("SPARSE_ATTN_MEMORY_BUDGET_MB")
-    if raw:
-        try:
-            mb = float(raw)
-        except ValueError:
-            raise ValueError(f"SPARSE_ATTN_MEMORY_BUDGET_MB must be a number of MiB, got {raw!r}") from None
-        if mb > 0:
-            return int(mb * 2**20)
-    return 2 * 2**30
+def _nsa_compressed(q, k, v, cfg: Config):
+    stride = cfg.compress_block_sliding_stride or cfg.compress_block_size
+    bs = cfg.compress_block_size
+    return compressed_attention(q, compress_kv(k, bs, stride), compress_kv(v, bs, stride), bs, stride,
+                                causal=cfg.causal, scale=resolve_scale(cfg.scale, q.shape[-1]))[0]
 
 
-def estimate_view_memory(s: Shape) -> float:
-    """Bytes the picture needs on top of the methods: dense and sparse weights, their difference and the mask (float32)."""
-    return float(s.B * s.H * s.Lq * s.Lk * (4 * 3 + 1))
+def _nsa_selected_blocks(q, k, cfg: Config) -> torch.Tensor:
+    # Random distinct visible blocks: the selected branch timed on its own, as other NSA kernels are.
+    return random_block_indices(q.shape[0], k.shape[1], q.shape[2], k.shape[2], cfg.num_selected_blocks,
+                                cfg.selection_block_size, cfg.causal, cfg.seed, q.device)
 
 
-def _total(method: Method, s: Shape, cfg: Config, itemsize: int, with_view: bool) -> float:
-    need = method.cost(s, cfg, itemsize).memory_bytes
-    if with_view:
-        need += METHODS["dense"].cost(s, cfg, itemsize).memory_bytes + estimate_view_memory(s)
-        need += method.picture_maps * s.B * s.H * s.Lq * s.Lk * itemsize
-    need += s.B * (s.H * s.Lq * s.D + s.Hkv * s.Lk * (s.D + s.Dv)) * itemsize  # q, k, v themselves
-    return need
+def _nsa_selected(q, k, v, cfg: Config, block_indices=None):
+    idx = _nsa_selected_blocks(q, k, cfg) if block_indices is None else block_indices
+    return selected_block_attention(q, k, v, idx, cfg.selection_block_size, causal=cfg.causal, scale=cfg.scale)
 
 
-def _halve(s: Shape, cfg: Config, setting: str) -> tuple[Shape, Config]:
-    if setting == "seq_len":
-        return s._replace(Lq=max(1, s.Lq // 2), Lk=max(1, s.Lk // 2)), cfg
-    if setting == "heads":
-        hkv = max(1, s.Hkv // 2)
-        return s._replace(H=max(hkv, s.H // 2), Hkv=hkv), cfg
-    if setting == "head_dim":
-        return s._replace(D=max(1, s.D // 2), Dv=max(1, s.Dv // 2)), cfg
-    value = getattr(cfg, setting)
-    return s, replace(cfg, **{setting: max(1, value // 2)})
+def _nsa_selected_prepare(q, k, v, cfg: Config):
+    idx = _nsa_selected_blocks(q, k, cfg)
+    return lambda: _nsa_selected(q, k, v, cfg, idx)
 
 
-def check_budget(method: str, shape: Shape, cfg: Config, itemsize: int = 4, *,
-                 budget_bytes: int | None = None, with_view: bool = True) -> float:
-    """Return the estimated bytes, or raise ``BudgetError`` naming the setting to lower.
+register(Method("nsa_compressed", _nsa_compressed, params=("compress_block_size",), role="stage",
+                validate=_nsa_validate))
+register(Method("nsa_selected", _nsa_selected, params=("selection_block_size", "num_selected_blocks"), role="stage",
+                validate=_nsa_validate, prepare=_nsa_selected_prepare))
+register(Method("nsa_sliding", lambda q, k, v, cfg: sliding_window_attention(
+    q, k, v, cfg.sliding_window_size, causal=cfg.causal, scale=cfg.scale), params=("sliding_window_size",),
+    role="stage", validate=_nsa_validate))
 
-    ``with_view`` adds what the app holds to draw the maps (dense reference and
-    the (B, H, Lq, Lk) pictures). The setting named is the one whose halving
-    saves the most memory; its ``params`` are need_mb, budget_mb and setting
-    (one of seq_len, heads, head_dim or a Config field such as chunk_size).
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    m = METHODS[method]
-    budget = default_budget_bytes() if budget_bytes is None else budget_bytes
-    need = _total(m, shape, cfg, itemsize, with_view)
-    if need <= budget:
-        return need
-    candidates = ["seq_len", "heads", "head_dim", *[p for p in m.params if isinstance(getattr(cfg, p), int)]]
-    saved = {c: need - _total(m, *_halve(shape, cfg, c), itemsize, with_view) for c in candidates}
-    setting = max(candidates, key=lambda c: saved[c])  # ties keep the first (sequence length)
-    need_mb, budget_mb = round(need / 2**20), round(budget / 2**20)
-    raise BudgetError(
-        "budget",
-        f"these settings need about {need_mb} MiB, more than the {budget_mb} MiB budget; lower {setting}",
-        need_mb=need_mb, budget_mb=budget_mb, setting=setting,
-    )
+
+# ---- the seed's top-k: the baseline -----------------------------------------------------------
+
+register(Method("seed_topk", lambda q, k, v, cfg: seed_topk_attention(q, k, v, cfg.top_k, causal=cfg.causal),
+                params=("top_k",), role="baseline", validate=_topk_validate))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import Selection
+from .selection import Selection
 
 __all__ = [
     "mass_kept",

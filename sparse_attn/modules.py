@@ -6,8 +6,8 @@ from einops import rearrange
 from torch import nn
 
 from ._checks import check_int
-from .attention import topk_attention
-from .nsa import nsa_attention
+from .ops.nsa import check_nsa_options, nsa_attention
+from .ops.topk import topk_attention
 
 __all__ = ["BlockCompress", "SparseAttention", "SparseAttentionWithImportanceSampling"]
 
@@ -16,7 +16,7 @@ class SparseAttentionWithImportanceSampling(nn.Module):
     """The seed's class, made correct: projections, per-head top-k attention, projection out.
 
     Despite the seed's name this is deterministic top-k selection, not
-    sampling; ``sparse_attn.sampling`` holds real importance sampling. The
+    sampling; ``sparse_attn.ops.sampling`` holds real importance sampling. The
     name stays so the seed's callers keep working.
 
     Args:
@@ -127,15 +127,8 @@ class SparseAttention(nn.Module):
         kv_heads = heads if kv_heads is None else check_int(kv_heads, "kv_heads", minimum=1)
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
-        check_int(sliding_window_size, "sliding_window_size", minimum=1)
-        check_int(compress_block_size, "compress_block_size", minimum=1)
-        stride = compress_block_size if compress_block_sliding_stride is None else compress_block_sliding_stride
-        check_int(stride, "compress_block_sliding_stride", minimum=1)
-        if stride > compress_block_size:
-            raise ValueError(f"compress_block_sliding_stride must be between 1 and compress_block_size "
-                             f"({compress_block_size}), got {stride}")
-        check_int(selection_block_size, "selection_block_size", minimum=1)
-        check_int(num_selected_blocks, "num_selected_blocks", minimum=0)
+        stride = check_nsa_options(sliding_window_size, compress_block_size, compress_block_sliding_stride,
+                                   selection_block_size, num_selected_blocks)
         self.dim, self.dim_head, self.heads, self.kv_heads = dim, dim_head, heads, kv_heads
         self.options = dict(
             causal=bool(causal), sliding_window_size=sliding_window_size, compress_block_size=compress_block_size,

@@ -1,19 +1,21 @@
 """Budget sweep: error, mass kept and time of each sparse method at each keys-per-query budget.
 
     python -m sparse_attn.sweep --pattern flat --length 1024 --heads 4 \
-        --budgets 8 16 32 64 128 --methods topk hybrid sampled:uniform sampled:lsh \
+        --budgets 8 16 32 64 128 --methods topk sampling hybrid --proposals uniform lsh \
         --seeds 8 --csv sweep.csv
 
-A *budget* is the number of keys whose score and value a query reads:
+A *budget* is the number of keys whose score and value a query reads; each
+method's registry entry (``sparse_attn.methods``) says how a budget sets its
+``Config`` (``Method.at_budget``):
 
-- ``"topk"``: ``topk_attention(top_k=budget)``;
-- ``"sampled:<proposal>"``: ``sampled_attention(num_samples=budget, proposal=...)``;
-- ``"hybrid"`` / ``"hybrid:<proposal>"``: ``top_k = budget // 2`` exact keys
-  plus ``budget - top_k`` draws from the tail (default proposal ``"uniform"``,
-  as vAttention samples its tail).
+- ``"topk"``, ``"topk_full"``: ``top_k = budget``;
+- ``"sampling"``: ``num_samples = budget`` draws from the proposal;
+- ``"hybrid"``: ``top_k = budget // 2`` exact keys plus ``budget - top_k``
+  draws from the tail, as vAttention splits it (no point below a budget of 2).
 
-Sampling draws with replacement, so a budget can attend to fewer distinct keys
-than it reads. Each method runs once per seed; the table reports the mean and
+Methods that read a proposal run once per entry of ``proposals``. Sampling
+draws with replacement, so a budget can attend to fewer distinct keys than it
+reads. Each method runs once per seed; the table reports the mean and
 standard deviation over seeds of the per-query metrics averaged over all
 query rows (deterministic methods run once: their spread is 0).
 """
@@ -22,121 +24,104 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from dataclasses import replace
 
 import torch
 
-from ._checks import check_int, check_qkv
-from .attention import dense_attention, topk_attention
+from ._checks import check_choice, check_int, check_qkv
+from .methods import METHODS, Config, check_method
 from .metrics import mass_kept, relative_error, total_variation
-from .sampling import PROPOSALS, sampled_attention
+from .ops.dense import dense_attention
+from .ops.sampling import PROPOSALS
+from .timing import time_fn
 
-__all__ = ["HYBRID_DEFAULT_PROPOSAL", "parse_method", "run_method", "budget_sweep", "main"]
+__all__ = ["COLUMNS", "sweepable", "budget_sweep", "main"]
 
-HYBRID_DEFAULT_PROPOSAL = "uniform"
 COLUMNS = [
-    "method", "budget", "seeds", "error_mean", "error_std", "mass_kept_mean", "mass_kept_std",
+    "method", "proposal", "budget", "seeds", "error_mean", "error_std", "mass_kept_mean", "mass_kept_std",
     "tv_mean", "keys_attended", "time_ms", "time_iqr_ms",
 ]
 
 
-def parse_method(method: object) -> tuple[str, str | None]:
-    """``"topk"`` -> ("topk", None); ``"sampled:lsh"`` -> ("sampled", "lsh"); ``"hybrid"`` -> ("hybrid", "uniform")."""
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a str, got {type(method).__name__}")
-    kind, _, proposal = method.partition(":")
-    allowed = f"'topk', 'sampled:<p>' or 'hybrid[:<p>]' with <p> in {PROPOSALS}"
-    if kind == "topk" and not proposal:
-        return "topk", None
-    if kind == "hybrid" and not proposal:
-        return "hybrid", HYBRID_DEFAULT_PROPOSAL
-    if kind in ("sampled", "hybrid") and proposal in PROPOSALS:
-        return kind, proposal
-    raise ValueError(f"method must be {allowed}, got {method!r}")
+def sweepable() -> list[str]:
+    """Registry keys that a budget can drive (``Method.at_budget`` is set), in registration order."""
+    return [key for key, m in METHODS.items() if m.at_budget is not None and m.run is not None]
 
 
-def run_method(q, k, v, method: str, budget: int, *, causal=False, scale=None, generator=None):
-    """(out, Selection) of ``method`` at ``budget`` keys per query (see the module docstring)."""
-    kind, proposal = parse_method(method)
-    check_int(budget, "budget", minimum=1)
-    if kind == "topk":
-        return topk_attention(q, k, v, budget, causal=causal, scale=scale, return_selection=True)
-    top_k = budget // 2 if kind == "hybrid" else 0
-    return sampled_attention(q, k, v, budget - top_k, proposal=proposal, top_k=top_k, causal=causal,
-                             scale=scale, generator=generator, return_selection=True)
-
-
-def budget_sweep(q, k, v, methods, budgets, *, seeds=(0, 1, 2, 3, 4), causal: bool = False,
-                 scale: float | None = None, time: bool = False, min_run_time: float = 0.1):
-    """A tidy table: one row per (method, budget), metrics aggregated over seeds.
+def budget_sweep(q, k, v, methods, budgets, *, proposals=None, seeds=(0, 1, 2, 3, 4), causal: bool = False,
+                 scale: float | None = None, time: bool = False, min_run_time: float = 0.1,
+                 config: Config | None = None):
+    """A tidy table: one row per (method, proposal, budget), metrics aggregated over seeds.
 
     Args:
         q, k, v: as ``dense_attention`` (B, H, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv).
-        methods: names as ``parse_method`` accepts.
+        methods: registry keys from ``sweepable()``.
         budgets: keys per query, each >= 1 (beyond Lk means all keys).
-        seeds: ints seeding a ``torch.Generator`` on q's device, one run each.
+        proposals: for methods that read a proposal, each is run once per
+            entry (from ``sparse_attn.ops.sampling.PROPOSALS``); default
+            ``config.proposal``.
+        seeds: ints, one run each (``Config.seed``, which seeds a
+            ``torch.Generator`` on q's device).
         causal, scale: as ``dense_attention``.
-        time: also time one call per (method, budget) with
-            ``sparse_attn.bench.time_fn`` (median and IQR in ms); otherwise NaN.
+        time: also time one call per row with ``sparse_attn.timing.time_fn``
+            (median and IQR in ms); otherwise NaN.
+        config: the other settings (chunk size, ...); default ``Config()``.
 
     Returns:
-        pandas DataFrame with columns ``method, budget, seeds, error_mean,
-        error_std, mass_kept_mean, mass_kept_std, tv_mean, keys_attended,
-        time_ms, time_iqr_ms``. ``error`` is the relative output error per
-        query row (``metrics.relative_error``) averaged over rows; ``mass_kept``
-        the dense mass on the distinct keys attended; ``tv`` the total variation
+        pandas DataFrame with columns ``COLUMNS``. ``proposal`` is "" for
+        methods without one. ``error`` is the relative output error per query
+        row (``metrics.relative_error``) averaged over rows; ``mass_kept`` the
+        dense mass on the distinct keys attended; ``tv`` the total variation
         between dense and effective rows; ``keys_attended`` the mean number of
-        distinct keys per query.
+        distinct keys per query. A budget too small for a method (the hybrid
+        at 1) has no row.
     """
     import pandas as pd  # the table is for display; the methods need only torch
 
     check_qkv(q, k, v)
-    methods = list(methods)
+    allowed = sweepable()
+    methods = [check_method(m, argument="method").key for m in methods]
     for m in methods:
-        parse_method(m)
+        if m not in allowed:
+            raise ValueError(f"method must be one of {allowed} (the methods a budget drives), got {m!r}")
     budgets = [check_int(b, "budget", minimum=1) for b in budgets]
     seeds = [check_int(s, "seed", minimum=0) for s in seeds]
     if not seeds:
         raise ValueError("seeds must hold at least one seed, got none")
+    base = replace(config or Config(), causal=causal, scale=scale)
+    proposals = [base.proposal] if proposals is None else [check_choice(p, "proposal", PROPOSALS) for p in proposals]
     Lk = k.shape[2]
     ref, p = dense_attention(q, k, v, causal=causal, scale=scale, return_weights=True)
     rows = []
-    for method in methods:
-        kind, _ = parse_method(method)
-        for budget in budgets:
-            run_seeds = seeds[:1] if kind == "topk" else seeds
-            errs, masses, tvs, keys = [], [], [], []
-            for seed in run_seeds:
-                g = torch.Generator(device=q.device).manual_seed(seed)
-                out, sel = run_method(q, k, v, method, budget, causal=causal, scale=scale, generator=g)
-                mask = sel.mask(Lk)
-                errs.append(relative_error(out, ref).mean().item())
-                masses.append(mass_kept(p, mask).mean().item())
-                tvs.append(total_variation(p, sel.to_dense(Lk).to(p.dtype)).mean().item())
-                keys.append(mask.sum(-1).double().mean().item())
-            t_ms = iqr_ms = float("nan")
-            if time:
-                from .bench import time_fn
-
-                g = torch.Generator(device=q.device).manual_seed(seeds[0])
-                t = time_fn(lambda: run_method(q, k, v, method, budget, causal=causal, scale=scale, generator=g),
-                            device=q.device, min_run_time=min_run_time, min_runs=3)
-                t_ms, iqr_ms = t.median * 1e3, t.iqr * 1e3
-            rows.append({
-                "method": method, "budget": budget, "seeds": len(run_seeds),
-                "error_mean": statistics.fmean(errs), "error_std": statistics.pstdev(errs),
-                "mass_kept_mean": statistics.fmean(masses), "mass_kept_std": statistics.pstdev(masses),
-                "tv_mean": statistics.fmean(tvs), "keys_attended": statistics.fmean(keys),
-                "time_ms": t_ms, "time_iqr_ms": iqr_ms,
-            })
+    for key in methods:
+        method = METHODS[key]
+        random = "proposal" in method.params
+        for proposal in proposals if random else [""]:
+            for budget in budgets:
+                cfg = method.at_budget(replace(base, proposal=proposal or base.proposal), budget)
+                if cfg is None:
+                    continue
+                run_seeds = seeds if random else seeds[:1]
+                errs, masses, tvs, keys = [], [], [], []
+                for seed in run_seeds:
+                    r = method.run(q, k, v, replace(cfg, seed=seed))
+                    errs.append(relative_error(r.output, ref).mean().item())
+                    masses.append(mass_kept(p, r.mask).mean().item())
+                    tvs.append(total_variation(p, r.weights.to(p.dtype)).mean().item())
+                    keys.append(r.mask.sum(-1).double().mean().item())
+                t_ms = iqr_ms = float("nan")
+                if time:
+                    t = time_fn(method.timed(q, k, v, replace(cfg, seed=seeds[0])), min_run_time=min_run_time,
+                                min_runs=3)
+                    t_ms, iqr_ms = t.median * 1e3, t.iqr * 1e3
+                rows.append({
+                    "method": key, "proposal": proposal, "budget": budget, "seeds": len(run_seeds),
+                    "error_mean": statistics.fmean(errs), "error_std": statistics.pstdev(errs),
+                    "mass_kept_mean": statistics.fmean(masses), "mass_kept_std": statistics.pstdev(masses),
+                    "tv_mean": statistics.fmean(tvs), "keys_attended": statistics.fmean(keys),
+                    "time_ms": t_ms, "time_iqr_ms": iqr_ms,
+                })
     return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def _load_synthetic():
-    try:
-        from .sources import synthetic_qkv
-    except ImportError:
-        from .sources.synthetic import synthetic_qkv
-    return synthetic_qkv
 
 
 def main(argv=None) -> int:
@@ -153,7 +138,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic q, k, v")
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--methods", nargs="+", default=["topk", "hybrid", "sampled:uniform", "sampled:lsh", "sampled:oracle"])
+    ap.add_argument("--methods", nargs="+", default=["topk", "sampling", "hybrid"], choices=sweepable(),
+                    metavar="METHOD", help=f"from {sweepable()}")
+    ap.add_argument("--proposals", nargs="+", default=["uniform", "lsh", "oracle"], choices=PROPOSALS,
+                    help="proposals of the sampling methods, each run on its own")
     ap.add_argument("--budgets", nargs="+", type=int, default=[8, 16, 32, 64, 128])
     ap.add_argument("--seeds", type=int, default=5, help="number of sampling seeds (0..N-1)")
     ap.add_argument("--time", action="store_true", help="also time each method (torch.utils.benchmark)")
@@ -166,11 +154,14 @@ def main(argv=None) -> int:
         if not sep:
             ap.error(f"--param must be NAME=VALUE, got {item!r}")
         params[name] = float(value) if any(c in value for c in ".e") else int(value)
-    q, k, v = _load_synthetic()(args.pattern, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
-                                length=args.length, head_dim=args.head_dim, seed=args.data_seed, **params)
+    from .sources.synthetic import synthetic_qkv  # the command line's input; the sweep itself takes any q, k, v
+
+    q, k, v = synthetic_qkv(args.pattern, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
+                            length=args.length, head_dim=args.head_dim, seed=args.data_seed, **params)
     dtype = getattr(torch, args.dtype)
     q, k, v = (t.to(dtype) for t in (q, k, v))
-    table = budget_sweep(q, k, v, args.methods, args.budgets, seeds=range(args.seeds), causal=args.causal, time=args.time)
+    table = budget_sweep(q, k, v, args.methods, args.budgets, proposals=args.proposals, seeds=range(args.seeds),
+                         causal=args.causal, time=args.time)
     print(f"# pattern={args.pattern} {params or ''} B={args.batch} H={args.heads} L={args.length} "
           f"D={args.head_dim} dtype={args.dtype} causal={args.causal} seeds={args.seeds} torch={torch.__version__}")
     with_time = args.time

@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._checks import check_dim, check_int
+
 __all__ = ["TopK", "chunked_topk", "merge_topk", "StreamingTopK"]
 
 
@@ -23,33 +25,6 @@ class TopK(NamedTuple):
 
     values: torch.Tensor
     indices: torch.Tensor
-
-
-def _check_k(k: object, size: int, name: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
-    if k < 0:
-        raise ValueError(f"{name} must be >= 0, got {k}")
-    if k > size:
-        raise ValueError(f"{name}={k} is larger than the size of the selected dimension ({size})")
-    return k
-
-
-def _check_chunk_size(chunk_size: object) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return chunk_size
-
-
-def _normalize_dim(dim: object, ndim: int) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    lo, hi = -max(ndim, 1), max(ndim, 1) - 1
-    if not lo <= dim <= hi:
-        raise ValueError(f"dim={dim} is out of range for a {ndim}-d tensor (allowed {lo}..{hi})")
-    return dim % max(ndim, 1)
 
 
 def chunked_topk(
@@ -94,10 +69,11 @@ def chunked_topk(
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    dim = _normalize_dim(dim, x.dim())
+    dim = check_dim(dim, x.dim())
     size = x.shape[dim] if x.dim() > 0 else 1
-    k = _check_k(k, size)
-    chunk_size = _check_chunk_size(chunk_size)
+    if check_int(k, "k", minimum=0) > size:
+        raise ValueError(f"k={k} is larger than the size of the selected dimension ({size})")
+    chunk_size = check_int(chunk_size, "chunk_size", minimum=1)
     if size <= chunk_size:
         return TopK(*torch.topk(x, k, dim=dim, largest=largest, sorted=sorted))
 
@@ -149,11 +125,7 @@ class StreamingTopK:
     """
 
     def __init__(self, k: int, *, largest: bool = True):
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k must be an int, got {type(k).__name__}")
-        if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
-        self.k = k
+        self.k = check_int(k, "k", minimum=0)
         self.largest = largest
         self.values: torch.Tensor | None = None
         self.indices: torch.Tensor | None = None

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_attn.attention import dense_attention, topk_attention
+from sparse_attn.ops.dense import dense_attention
+from sparse_attn.ops.topk import topk_attention
 
 
 def rand_qkv(B=2, H=4, Hkv=2, Lq=33, Lk=47, D=16, Dv=8, dtype=torch.float64, seed=0):

@@ -1,14 +1,13 @@
-"""The method registry: uniform results that agree with the dense reference, and the memory budget."""
+"""The method registry: uniform results that agree with the dense reference, and the app's memory budget."""
 import math
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sparse_attn.attention import causal_mask, dense_attention
-from sparse_attn.methods import (
-    METHODS, BudgetError, Config, SettingError, allowed_pairs, check_budget, choices, default_budget_bytes, shape_of,
-)
+from sparse_attn.ops.dense import causal_mask, dense_attention
+from sparse_attn.methods import METHODS, Config, SettingError, allowed_pairs, choices, shape_of
+from sparse_attn.ui.memory import BudgetError, check_budget, default_budget_bytes
 
 
 def _qkv(B=1, H=4, Hkv=2, L=40, D=16, dtype=torch.float64, seed=0):
@@ -23,10 +22,11 @@ def _expand(v, H):
     return v.repeat_interleave(H // v.shape[1], dim=1)
 
 
-CFG = Config(top_k=6, num_samples=8, chunk_size=7, block_size=4, num_blocks=2, window=5)
+CFG = Config(top_k=6, num_samples=8, chunk_size=7, compress_block_size=4, selection_block_size=4,
+             num_selected_blocks=2, sliding_window_size=5)
 
 
-@pytest.mark.parametrize("key", sorted(METHODS))
+@pytest.mark.parametrize("key", sorted(k for k, m in METHODS.items() if m.run is not None))
 @pytest.mark.parametrize("causal", [False, True])
 def test_uniform_result_is_consistent(key, causal):
     q, k, v = _qkv(seed=hash((key, causal)) % 1000)
@@ -99,7 +99,7 @@ def test_allowed_pairs_counts_the_mask(Lq, Lk, causal):
     ("topk", Config(top_k=0), "k_too_small"),
     ("topk", Config(top_k=-3), "k_too_small"),
     ("sampling", Config(num_samples=0), "must_be_positive"),
-    ("nsa", Config(window=0), "must_be_positive"),
+    ("nsa", Config(sliding_window_size=0), "must_be_positive"),
 ])
 def test_bad_settings_raise_translatable_errors(key, cfg, code):
     q, k, v = _qkv(L=8)

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_attn.attention import Selection, dense_attention, topk_attention
+from sparse_attn.ops.dense import dense_attention
+from sparse_attn.ops.topk import topk_attention
+from sparse_attn.selection import Selection
 from sparse_attn.metrics import (
     keys_attended,
     kl_divergence,

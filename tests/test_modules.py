@@ -3,7 +3,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from sparse_attn.attention import dense_attention
+from sparse_attn.ops.dense import dense_attention
 from sparse_attn.modules import SparseAttentionWithImportanceSampling
 
 

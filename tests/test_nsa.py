@@ -16,14 +16,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_attn.attention import dense_attention
+from sparse_attn.ops.dense import dense_attention
 from sparse_attn.modules import BlockCompress, SparseAttention
-from sparse_attn.nsa import (
-    _selected_reference,
-    nsa_attention,
-    selected_block_attention,
-    sliding_window_attention,
-)
+from sparse_attn.ops.nsa import nsa_attention, selected_block_attention, sliding_window_attention
+from sparse_attn.ops.nsa.selected import _selected_reference
 
 F64 = torch.float64
 

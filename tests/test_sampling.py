@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_attn.attention import dense_attention
-from sparse_attn.sampling import PROPOSALS, proposal_probs, sampled_attention
+from sparse_attn.ops.dense import dense_attention
+from sparse_attn.ops.sampling import PROPOSALS, proposal_probs, sampled_attention
 
 F64 = torch.float64
 

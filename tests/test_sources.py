@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_attn.attention import dense_attention
+from sparse_attn.ops.dense import dense_attention
 from sparse_attn.sources import (
     ERROR_CODES,
     PATTERNS,

@@ -183,7 +183,7 @@ def _hooked_forward(loaded: LoadedModel, enc: dict, calls: list, output_attentio
 
 def _self_check(loaded: LoadedModel) -> float:
     """Largest |recomputed - model| attention probability on a short sentence."""
-    from ..attention import dense_attention
+    from ..ops.dense import dense_attention
 
     enc, _ = _encode(loaded, _SELF_CHECK_TEXT, loaded.max_tokens)
     layers, attentions = _run(loaded, enc, output_attentions=True)

@@ -9,7 +9,7 @@ keys and samples only the remaining tail, as vAttention does; the ``"lsh"``
 proposal picks keys from SimHash buckets, as MagicPIG does, so that choosing
 keys needs no query-key score at all.
 
-Shapes and masking follow ``sparse_attn.attention.topk_attention``.
+Shapes and masking follow ``sparse_attn.ops.topk.topk_attention``.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import math
 import torch
 from einops import rearrange
 
-from ._checks import check_int, check_qkv, resolve_scale
-from .attention import Selection, _safe_softmax, causal_mask, dense_attention, gather_kv
+from .._checks import check_choice, check_generator, check_int, check_qkv, resolve_scale
+from ..selection import Selection, gather_kv
+from .dense import causal_mask, dense_attention, safe_softmax
 
 __all__ = ["PROPOSALS", "sampled_attention", "proposal_probs", "simhash_codes"]
 
@@ -131,9 +132,8 @@ def sampled_attention(
     check_int(lsh_tables, "lsh_tables", minimum=1)
     if lsh_bits > 30:
         raise ValueError(f"lsh_bits must be <= 30 (codes are int64 bucket ids), got {lsh_bits}")
-    if not isinstance(proposal, str) or proposal not in PROPOSALS:
-        raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
-    _check_generator(generator, q.device)
+    check_choice(proposal, "proposal", PROPOSALS)
+    check_generator(generator, q.device)
     scale = resolve_scale(scale, D)
     S = top_k + num_samples
 
@@ -169,7 +169,7 @@ def sampled_attention(
     k_sel = gather_kv(k, idx_safe)
     scores = torch.einsum("bhrd,bhrsd->bhrs", rearrange(qg, "b hk g i d -> b hk (g i) d"), k_sel) * scale
     logits = scores.to(log_w.dtype) + flat(log_w)
-    weights = _safe_softmax(logits).to(q.dtype)
+    weights = safe_softmax(logits).to(q.dtype)
     out = torch.einsum("bhrs,bhrsd->bhrd", weights, gather_kv(v, idx_safe))
     out = rearrange(out, "b hk (g i) d -> b (hk g) i d", g=G)
     if not return_selection:
@@ -177,16 +177,6 @@ def sampled_attention(
     to_heads = lambda t: rearrange(t, "b hk g i s -> b (hk g) i s")  # noqa: E731
     sel_w = rearrange(weights.detach(), "b hk (g i) s -> b (hk g) i s", g=G)
     return out, Selection(to_heads(idx).contiguous(), sel_w)
-
-
-def _check_generator(generator, device: torch.device) -> None:
-    if generator is None:
-        return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    gdev = torch.device(generator.device)
-    if gdev.type != device.type or (gdev.index is not None and device.index is not None and gdev.index != device.index):
-        raise ValueError(f"generator must be on q's device ({device}), got a generator on {gdev}")
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -261,7 +251,7 @@ def proposal_probs(qg, k, tail, proposal, *, scores=None, generator=None, bits=4
     if proposal == "uniform":
         return uniform
     if proposal == "oracle":
-        return _safe_softmax(scores.masked_fill(~tail, float("-inf")))
+        return safe_softmax(scores.masked_fill(~tail, float("-inf")))
     planes = torch.randn(tables, D, bits, generator=generator, device=qg.device, dtype=wdt)
     kc = k - k.mean(dim=2, keepdim=True)
     code_q = simhash_codes(qg, planes)  # (B, Hkv, G, Lq, T)
