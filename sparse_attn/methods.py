@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import CodedError, check_qkv, resolve_scale
+from ._checks import CodedError, check_int, check_qkv, resolve_scale
 from .ops.dense import dense_attention
 from .ops.nsa import compress_kv, compressed_attention, nsa_attention, random_block_indices, selected_block_attention
 from .ops.sampling import PROPOSALS, sampled_attention
@@ -190,8 +190,11 @@ def _attended_pairs(Lq: int, Lk: int, causal: bool, K: int) -> int:
 
 def _check_positive(cfg: Config, name: str) -> None:
     value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SettingError("must_be_positive", f"{name} must be an int >= 1, got {value!r}", setting=name, value=value)
+    try:
+        check_int(value, name, minimum=1)
+    except (TypeError, ValueError):
+        raise SettingError("must_be_positive", f"{name} must be an int >= 1, got {value!r}", setting=name,
+                           value=value) from None
 
 
 # ---- dense: the reference (SDPA when timed) -------------------------------------------------
@@ -240,8 +243,10 @@ def _topk_cost(s: Shape, cfg: Config, itemsize: int, chunk: int | None) -> Cost:
 
 
 def _topk_validate(cfg: Config) -> None:
-    if isinstance(cfg.top_k, bool) or not isinstance(cfg.top_k, int) or cfg.top_k < 1:
-        raise SettingError("k_too_small", f"top_k must be an int >= 1, got {cfg.top_k!r}", value=cfg.top_k)
+    try:
+        check_int(cfg.top_k, "top_k", minimum=1)
+    except (TypeError, ValueError):
+        raise SettingError("k_too_small", f"top_k must be an int >= 1, got {cfg.top_k!r}", value=cfg.top_k) from None
     if cfg.chunk_size is not None:
         _check_positive(cfg, "chunk_size")
 

@@ -90,7 +90,6 @@ def budget_sweep(q, k, v, methods, budgets, *, proposals=None, seeds=(0, 1, 2, 3
         raise ValueError("seeds must hold at least one seed, got none")
     base = replace(config or Config(), causal=causal, scale=scale)
     proposals = [base.proposal] if proposals is None else [check_choice(p, "proposal", PROPOSALS) for p in proposals]
-    Lk = k.shape[2]
     ref, p = dense_attention(q, k, v, causal=causal, scale=scale, return_weights=True)
     rows = []
     for key in methods:

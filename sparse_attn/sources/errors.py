@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._checks import CodedError
+
 __all__ = ["ERROR_CODES", "NOTE_CODES", "Note", "SourceError"]
 
 # Every code a SourceError can carry, with the params it always sets.
@@ -37,13 +39,8 @@ NOTE_CODES: dict[str, tuple[str, ...]] = {
 }
 
 
-class SourceError(ValueError):
+class SourceError(CodedError):
     """Bad input to a source: ``code`` (a key of ERROR_CODES) and ``params`` say what, for translation."""
-
-    def __init__(self, code: str, message: str, **params: Any) -> None:
-        super().__init__(message)
-        self.code = code
-        self.params = params
 
 
 @dataclass(frozen=True)

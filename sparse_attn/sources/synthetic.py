@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 from einops import rearrange, repeat
 
+from .._checks import check_int
 from .errors import SourceError
 
 __all__ = ["PATTERNS", "pattern_params", "synthetic_qkv"]
@@ -56,9 +57,10 @@ def _positive(name: str, value: object) -> float:
 
 
 def _count(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _bad(name, value, f"an int >= {minimum}")
-    return value
+    try:
+        return check_int(value, name, minimum=minimum)
+    except (TypeError, ValueError):
+        raise _bad(name, value, f"an int >= {minimum}") from None
 
 
 def _to_query_heads(x: torch.Tensor, H: int) -> torch.Tensor:

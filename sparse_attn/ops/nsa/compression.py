@@ -7,6 +7,8 @@ Triton kernel (``sparse_attn.kernels.compressed``).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from einops import rearrange, reduce
 
