@@ -1,5 +1,4 @@
-"""The GPU kernels, checked on the CPU: Triton's interpreter runs the selected-block
-kernel with numpy, and the segment-prefilter top-k is plain PyTorch.
+"""The selected-block and fused top-k kernels, checked on the CPU: Triton's interpreter runs them with numpy.
 
 Triton decides at import time whether it interprets, so the kernel tests run
 in a child pytest process started with TRITON_INTERPRET=1 (the one test
@@ -12,12 +11,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from sparse_attn import nsa
-from sparse_attn.attention import dense_attention, topk_attention
-from sparse_attn.kernels.topk_prefilter import prefilter_topk_attention
+from sparse_attn.kernels.dispatch import reference_only
+from sparse_attn.ops import nsa
+from sparse_attn.ops.dense import dense_attention
+from sparse_attn.ops.topk import topk_attention
 
 triton = pytest.importorskip("triton")
 import sparse_attn.kernels.selected_block as sb_module  # noqa: E402 (after the Triton check)
@@ -53,9 +51,9 @@ def reference(q, k, v, idx, block_size, causal, scale=None):
     return w @ v.double().repeat_interleave(G, 1)
 
 
-def random_indices(B, Hs, Lq, S, n_blocks, empty=0.2):
-    """Distinct block numbers per row, some slots -1."""
-    idx = torch.rand(B, Hs, Lq, n_blocks).argsort(-1)[..., :S]
+def random_indices(B, Hs, Lq, Lk, S, block_size, empty=0.2):
+    """Distinct block numbers per row, future blocks included (causal kernels must mask them), some slots -1."""
+    idx = nsa.random_block_indices(B, Hs, Lq, Lk, S, block_size, causal=False)
     return idx.masked_fill(torch.rand(idx.shape) < empty, -1)
 
 
@@ -80,13 +78,14 @@ if INTERPRETED:
         q, k = torch.randn(B, H, Lq, D), torch.randn(B, Hkv, Lk, D)
         v = torch.randn(B, Hkv, Lk, Dv)
         nb = math.ceil(Lk / bs)
-        idx = random_indices(B, H if per_head else Hkv, Lq, min(S, nb), nb)
+        idx = random_indices(B, H if per_head else Hkv, Lq, Lk, min(S, nb), bs)
         ref = reference(q, k, v, idx, bs, causal)
         out = sb.selected_block_attention_triton(q, k, v, idx, bs, causal=causal)
         assert out.shape == (B, H, Lq, Dv) and out.dtype == torch.float32
         assert not out.isnan().any()
         assert rel_err(out, ref) < 1e-4
-        torch_path = nsa._selected_reference(q, k, v, idx, bs, causal=causal, scale=1 / math.sqrt(D))
+        with reference_only():
+            torch_path = nsa.selected_block_attention(q, k, v, idx, bs, causal=causal)
         assert rel_err(out, torch_path.double()) < 1e-4
 
 
@@ -94,20 +93,19 @@ if INTERPRETED:
         # Half precision through the interpreter. (bfloat16 is checked on the GPU run in
         # docs/benchmarks.md: Triton 3.9's interpreter gets bfloat16 arithmetic wrong.)
         q, k, v = (torch.randn(1, h, 48, 32).half() for h in (4, 1, 1))
-        idx = random_indices(1, 1, 48, 2, 3)
+        idx = random_indices(1, 1, 48, 48, 2, 16)
         ref = reference(q, k, v, idx, 16, True, scale=0.3)
         out = sb.selected_block_attention_triton(q, k, v, idx, 16, causal=True, scale=0.3)
         assert out.dtype == torch.float16
         assert rel_err(out, ref) < 1e-2
 
-    @pytest.mark.parametrize("branch", [True, False])
-    def test_kernel_empty_rows_give_zeros(sb, branch):
+    def test_kernel_empty_rows_give_zeros(sb):
         # All slots empty, or only future blocks under causal: no allowed key, so zeros (not NaN).
         q, k, v = torch.randn(1, 2, 32, 16), torch.randn(1, 1, 32, 16), torch.randn(1, 1, 32, 16)
         idx = torch.full((1, 1, 32, 2), -1, dtype=torch.long)
         idx[0, 0, :16, 0] = 1  # block 1 starts at key 16: in the future of queries 0..15
         idx[0, 0, 16:, 0] = 0
-        out = sb.selected_block_attention_triton(q, k, v, idx, 16, causal=True, branch=branch)
+        out = sb.selected_block_attention_triton(q, k, v, idx, 16, causal=True)
         assert torch.equal(out[:, :, :16], torch.zeros(1, 2, 16, 16))
         assert rel_err(out, reference(q, k, v, idx, 16, True)) < 1e-4
 
@@ -136,7 +134,7 @@ if INTERPRETED:
     from sparse_attn.kernels import topk_fused
 
     FUSED_CASES = [
-        # B, H, Hkv, Lq, Lk, top_k, causal, capacity, select
+        # B, H, Hkv, Lq, Lk, top_k, causal, capacity, sort: "triton" in registers, "torch" by torch.topk
         (1, 4, 2, 40, 70, 5, False, None, "torch"),   # partial last segment, GQA
         (2, 2, 1, 50, 50, 4, True, None, "torch"),    # causal: early rows overflow and are redone
         (1, 2, 2, 33, 80, 4, False, 4, "torch"),      # capacity = top_k: most rows overflow, all exact
@@ -144,29 +142,34 @@ if INTERPRETED:
         (1, 2, 1, 16, 70, 3, False, 16, "triton"),    # sorts in registers pick the threshold and the k
         (1, 1, 1, 16, 64, 2, True, 16, "triton"),
     ]
-    # (append, fused gather) for each case above; the defaults are ("bits", "triton").
-    FUSED_OPTS = [("atomic", "triton"), ("mask", "torch"), ("scan", "torch"), ("bits", "triton"),
-                  ("mask", "triton"), ("bits", "triton")]
 
-    @pytest.mark.parametrize("case,opts", list(zip(FUSED_CASES, FUSED_OPTS)))
-    def test_kernel_fused_topk_matches_topk_attention(case, opts):
-        B, H, Hkv, Lq, Lk, K, causal, C, select = case
+    @pytest.mark.parametrize("case", FUSED_CASES)
+    def test_kernel_fused_topk_matches_topk_attention(case, monkeypatch):
+        B, H, Hkv, Lq, Lk, K, causal, C, sort = case
+        if sort == "torch":  # rows longer than a sort in registers takes go to torch.topk: make every row one
+            monkeypatch.setattr(topk_fused, "_SORT_MAX", 0)
+        picks = []  # what fused_topk_attention's own selection returned
+        select = topk_fused.fused_topk_select
+
+        def spy(*args, **kwargs):
+            picks.append(select(*args, **kwargs))
+            return picks[-1]
+
+        monkeypatch.setattr(topk_fused, "fused_topk_select", spy)
         q, k, v = torch.randn(B, H, Lq, 16), torch.randn(B, Hkv, Lk, 16), torch.randn(B, Hkv, Lk, 8)
-        out = topk_fused.fused_topk_attention(q, k, v, K, causal=causal, capacity=C, block_m=16, block_n=16,
-                                              query_chunk_size=7, select=select, append=opts[0], gather=opts[1])
+        out = topk_fused.fused_topk_attention(q, k, v, K, causal=causal, capacity=C, block_m=16, block_n=16)
         ref = topk_attention(q.double(), k.double(), v.double(), K, causal=causal)
         assert out.shape == (B, H, Lq, 8) and not out.isnan().any()
         assert rel_err(out, ref) < 1e-5
         if C == K:
-            assert topk_fused.last_overflow_rows > 0  # the exact redo path really ran
+            assert picks[0].overflow_rows > 0  # the exact redo path really ran
 
-    @pytest.mark.parametrize("append,block_n,causal", [("bits", 64, False), ("bits", 16, True), ("scan", 32, False),
-                                                       ("mask", 64, False), ("mask", 16, True)])
-    def test_kernel_fused_topk_select_matches_torch_topk(append, block_n, causal):
+    @pytest.mark.parametrize("block_n,causal", [(64, False), (16, True), (32, False)])
+    def test_kernel_fused_topk_select_matches_torch_topk(block_n, causal):
         # block_n=64 puts a passing key on bit 63 of the row mask (the sign bit).
         q, k = torch.randn(1, 2, 16, 16), torch.randn(1, 1, 200, 16)
-        vals, idx = topk_fused.fused_topk_select(q, k, 5, causal=causal, block_m=16, block_n=block_n,
-                                                 append=append, capacity=64)
+        vals, idx, _ = topk_fused.fused_topk_select(q, k, 5, causal=causal, block_m=16, block_n=block_n,
+                                                    capacity=64)
         s = (q @ k.transpose(-1, -2))[0]
         if causal:
             s = s.masked_fill(torch.ones(16, 200, dtype=torch.bool).triu(1), float("-inf"))
@@ -175,6 +178,15 @@ if INTERPRETED:
         got = idx.masked_fill(torch.isneginf(vals), -1).sort(-1).values
         want = ref.indices.masked_fill(~ok, -1).sort(-1).values
         assert torch.equal(got, want)
+        assert torch.allclose(vals.sort(-1).values, ref.values.sort(-1).values, rtol=1e-5, atol=1e-5)
+
+    def test_kernel_fused_topk_select_wide_segments_append_in_the_tile():
+        # Segments wider than 64 keys get no int64 mask: not causal either, pass 2 appends in the tile.
+        q, k = torch.randn(1, 2, 16, 16), torch.randn(1, 1, 700, 16)
+        vals, idx, overflow_rows = topk_fused.fused_topk_select(q, k, 5, block_m=16, block_n=128, capacity=64)
+        ref = (q @ k.transpose(-1, -2))[0].topk(5, dim=-1)
+        assert overflow_rows == 0  # the kernels' candidates made the pick, not the exact redo
+        assert torch.equal(idx.sort(-1).values, ref.indices.sort(-1).values)
         assert torch.allclose(vals.sort(-1).values, ref.values.sort(-1).values, rtol=1e-5, atol=1e-5)
 
     def test_kernel_fused_topk_ties():
@@ -187,6 +199,23 @@ if INTERPRETED:
         ref = topk_attention(q.double(), k.double(), v.double(), 6)
         assert rel_err(out, ref) < 1e-5
 
+    def test_kernel_fused_topk_through_topk_attention_dispatch(monkeypatch):
+        # Let the dispatch take CPU tensors (the interpreter runs them): topk_attention's streaming
+        # form must hand over to the fused kernels and give the float64 reference's result.
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        # The default capacity's sort in registers takes the interpreter seconds: torch.topk picks here.
+        monkeypatch.setattr(topk_fused, "_SORT_MAX", 0)
+        calls = []
+        real = topk_fused.fused_topk_attention
+        monkeypatch.setattr(topk_fused, "fused_topk_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        q, k, v = torch.randn(1, 2, 16, 16), torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 8)
+        with torch.no_grad():
+            out = topk_attention(q, k, v, 3, chunk_size=16)
+        monkeypatch.undo()
+        ref = topk_attention(q.double(), k.double(), v.double(), 3)
+        assert calls == [1]
+        assert rel_err(out, ref) < 1e-5
+
     def test_kernel_fused_topk_rejects_bad_input():
         q = torch.randn(1, 2, 8, 16)
         with pytest.raises(ValueError, match="block_n must be a power of two"):
@@ -195,10 +224,6 @@ if INTERPRETED:
             topk_fused.fused_topk_attention(q, q, q, 4, capacity=2)
         with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
             topk_fused.fused_topk_attention(q.double(), q.double(), q.double(), 2)
-        with pytest.raises(ValueError, match="gather must be 'triton' or 'torch'"):
-            topk_fused.fused_topk_attention(q, q, q, 2, gather="numpy")
-        with pytest.raises(ValueError, match="append must be one of"):
-            topk_fused.fused_topk_attention(q, q, q, 2, append="sort")
 
 
 def test_dispatch_stays_on_torch_for_cpu(monkeypatch):
@@ -207,103 +232,7 @@ def test_dispatch_stays_on_torch_for_cpu(monkeypatch):
 
     monkeypatch.setattr(sb_module, "selected_block_attention_triton", boom)
     q, k, v = torch.randn(1, 4, 20, 16), torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
-    idx = random_indices(1, 2, 20, 2, 3)
-    assert not sb_module.triton_supports(q, idx)
+    idx = random_indices(1, 2, 20, 20, 2, 8)
+    assert not sb_module.triton_supports(q, k, v, idx)
     out = nsa.selected_block_attention(q, k, v, idx, 8, causal=True)
     assert rel_err(out, reference(q, k, v, idx, 8, True)) < 1e-4
-
-
-# --------------------------------------------------------------------------- segment-prefilter top-k
-
-
-@settings(max_examples=30, deadline=None)
-@given(
-    hkv=st.integers(1, 2), g=st.integers(1, 3), lq=st.integers(1, 40), lk=st.integers(1, 60),
-    top_k=st.integers(1, 70), segment=st.integers(1, 9), qc=st.integers(1, 50), causal=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_prefilter_topk_matches_full_topk(hkv, g, lq, lk, top_k, segment, qc, causal, seed):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, hkv * g, lq, 8, generator=gen, dtype=torch.float64)
-    k = torch.randn(1, hkv, lk, 8, generator=gen, dtype=torch.float64)
-    v = torch.randn(1, hkv, lk, 4, generator=gen, dtype=torch.float64)
-    out, sel = prefilter_topk_attention(q, k, v, top_k, causal=causal, segment=segment, query_chunk_size=qc,
-                                        return_selection=True)
-    ref, ref_sel = topk_attention(q, k, v, top_k, causal=causal, return_selection=True)
-    # Random float64 scores have no ties, so the chosen key sets are identical.
-    assert torch.equal(sel.indices.sort(-1).values, ref_sel.indices.sort(-1).values)
-    assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12)
-
-
-def test_prefilter_topk_all_keys_is_dense_and_adversarial_rows():
-    q, k, v = torch.randn(2, 4, 33, 16), torch.randn(2, 2, 33, 16), torch.randn(2, 2, 33, 16)
-    out = prefilter_topk_attention(q.double(), k.double(), v.double(), 40, causal=True, segment=4, query_chunk_size=8)
-    assert torch.allclose(out, dense_attention(q.double(), k.double(), v.double(), causal=True), atol=1e-12)
-    # One key far above the rest, in the last (partial) segment: it must win every row.
-    q = q.abs() + 1
-    k[:, :, 32] = 100.0
-    _, sel = prefilter_topk_attention(q, k, v, 1, segment=5, return_selection=True)
-    assert (sel.indices == 32).all()
-    assert torch.equal(sel.weights, torch.ones_like(sel.weights))
-
-
-def test_prefilter_topk_bfloat16_matches_bfloat16_topk():
-    q, k, v = (torch.randn(1, h, 64, 32).bfloat16() for h in (4, 2, 2))
-    out, sel = prefilter_topk_attention(q, k, v, 8, causal=True, segment=8, return_selection=True)
-    ref, ref_sel = topk_attention(q, k, v, 8, causal=True, return_selection=True)
-    assert out.dtype == torch.bfloat16
-    # Same bf16 scores, so the same keys (ties aside); the softmax here runs in float32.
-    same = (sel.indices.sort(-1).values == ref_sel.indices.sort(-1).values).all(-1)
-    assert same.float().mean() > 0.97
-    assert rel_err(out[same], ref[same].double()) < 1e-2
-
-
-def test_prefilter_topk_rejects_bad_input():
-    q = torch.randn(1, 2, 4, 8)
-    with pytest.raises(ValueError, match="segment must be >= 1"):
-        prefilter_topk_attention(q, q, q, 2, segment=0)
-    with pytest.raises(TypeError, match="top_k must be an int"):
-        prefilter_topk_attention(q, q, q, 2.0)
-
-
-# --------------------------------------------------------------------------- benchmark sweeps
-
-
-def test_sweep_notes_cases_it_cannot_run_and_goes_on():
-    from sparse_attn import bench
-
-    cases = bench.sweep_cases(["bogus", "fused_topk", "sdpa"], [64, 1 << 40], devices=["cpu"])
-    assert len(cases) == 6
-    if not torch.cuda.is_available():
-        cases += bench.sweep_cases(["sdpa"], [64], devices=["cuda"])
-    seen = []
-    runnable = lambda c: c.method == "sdpa" and c.length == 64 and c.device == "cpu"  # noqa: E731
-    rows = bench.run_sweep([c for c in cases if not runnable(c)], progress=False,
-                           on_row=seen.append)
-    notes = [r["note"] for r in rows]
-    assert seen == rows and all(notes)
-    assert any("unknown method 'bogus'" in n for n in notes)
-    assert any("fused_topk runs on CUDA only" in n for n in notes)
-    assert any(n.startswith("skipped: needs about") for n in notes)  # a length no machine holds
-    if not torch.cuda.is_available():
-        assert "CUDA is not available" in notes[-1]
-
-
-def test_speedup_and_report_from_rows():
-    pytest.importorskip("plotly")
-    from sparse_attn import bench
-
-    rows = []
-    for n, t_sdpa, t_sel in ((1024, 2e-3, 4e-3), (4096, 3e-2, 1e-2)):
-        for m, t in (("sdpa", t_sdpa), ("nsa_selected", t_sel)):
-            rows.append({**bench.asdict(bench.Case(method=m, length=n)), "median_s": t, "iqr_s": t / 10,
-                         "runs": 5, "peak_extra_bytes": n * 1024})
-    rows.append({**bench.asdict(bench.Case(method="nsa", length=4096)), "note": "skipped: out of memory"})
-    bench._add_speedup(rows)
-    assert rows[1]["speedup_vs_sdpa"] == pytest.approx(0.5) and rows[3]["speedup_vs_sdpa"] == pytest.approx(3.0)
-    figs = bench.sweep_figures(rows)
-    assert [f.layout.xaxis.type for f in figs] == ["log"] * 3
-    speed = {t.name: list(t.y) for t in figs[2].data}
-    assert speed["nsa_selected"] == pytest.approx([0.5, 3.0])
-    page = bench.report_html(rows, {"torch": torch.__version__})
-    assert page.count("<tr>") == len(rows) + 1 and "skipped: out of memory" in page and "plotly" in page

@@ -1,13 +1,16 @@
-"""GPU kernels (Triton) behind the library's PyTorch reference functions.
+"""GPU kernels (Triton) behind the library's PyTorch reference ops.
 
-Nothing here is needed on the CPU: the reference functions dispatch to these
-kernels only for CUDA tensors, and fall back to PyTorch otherwise. Triton is
-imported lazily, so ``import sparse_attn`` works where Triton is missing.
+Nothing here is needed on the CPU: an op dispatches to its kernel only when
+``dispatch.use_triton`` says so (CUDA, Triton, no gradient, a kernel dtype, not
+forced to the reference) and the kernel module's ``triton_supports`` agrees;
+otherwise the op runs its PyTorch reference. Triton is imported lazily, so
+``import sparse_attn`` works where Triton is missing.
 
 Modules:
-    selected_block  NSA's selected-block branch, one program per (query, KV group)
-    topk_prefilter  exact top-k attention that ranks key segments by their maximum first
+    dispatch        the one rule for when a kernel replaces its reference
+    _triton         the Triton import and the launch helpers the kernels share
     topk_fused      exact top-k attention in two fused passes, no score matrix in memory
+    selected_block  NSA's selected-block branch, one program per (query, KV group)
     compressed      NSA's compressed branch + group-summed selection-block importance,
                     one program per (query block, KV group)
 """

@@ -1,10 +1,10 @@
 """NSA's compressed branch and its selection-block importance as one Triton kernel.
 
-The PyTorch path (``sparse_attn.nsa.compressed_attention``) materialises the
-(H, Lq, Nc) scores and softmax weights, then sums them over each KV group and
-maps them onto selection blocks with a dense (Nc, Nsel) matrix: at L=65536
-that is 96 GiB and most of the forward's time. Here nothing of size Lq * Nc
-ever reaches memory.
+The PyTorch path (``sparse_attn.ops.nsa.compressed_attention``) materialises
+the (H, Lq, Nc) scores and softmax weights, then sums them over each KV group
+and maps them onto selection blocks with a dense (Nc, Nsel) matrix: at long
+lengths that is most of the forward's memory and time (see
+docs/benchmarks.md). Here nothing of size Lq * Nc ever reaches memory.
 
 One program handles one (block of BLOCK_M query positions, KV group). It
 stacks the group's G query heads and its BLOCK_M positions into one
@@ -24,7 +24,7 @@ compressed block is visible to query i once it has ended (its last token
 visited. Programs run heaviest (latest) query blocks first.
 
 Contract (as ``compressed_attention`` followed by the group sum and
-``importance_to_selection_blocks(..., interpolate=False)`` in ``nsa.py``):
+``importance_to_selection_blocks(..., interpolate=False)`` in ``sparse_attn.ops.nsa``):
     q (B, H, Lq, D); k_cmp (B, Hkv, Nc, D); v_cmp (B, Hkv, Nc, Dv), compressed
     block c covering tokens [c * stride, c * stride + block_size). Returns out
     (B, H, Lq, Dv) in q's dtype (zeros for a query that sees no compressed
@@ -37,37 +37,32 @@ import math
 
 import torch
 
-from .._checks import check_int, resolve_scale
+from .._checks import check_int, check_qkv, resolve_scale
+from . import dispatch
+from ._triton import LOG2E, check_dtype, dot_precision, pow2, require_triton, tl, triton
 
 __all__ = ["compressed_attention_triton", "triton_supports", "DEFAULTS"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # float32 tiles at the tuned defaults (16 query heads per group, head dim 128)
-# need 257 KiB of shared memory, over an H200's 227 KiB: the launch fails.
-# So nsa_attention sends float32 to the PyTorch path; the kernel itself still
-# takes float32 where the caller picks smaller blocks.
+# need more shared memory than an H200 has, and the launch fails (see
+# docs/benchmarks.md). So nsa_attention sends float32 to the PyTorch path; the
+# kernel itself still takes float32 where the caller picks smaller blocks.
 _DISPATCH_DTYPES = (torch.float16, torch.bfloat16)
-_LOG2E = 1.4426950408889634
 
-# Launch settings: the fastest of 9 on an H200 at L=65536 (docs/benchmarks.md; 22.9 ms,
-# the slowest 33.3 ms). rows = query positions x padded group heads per program.
+# Launch settings: the fastest of those tried on an H200 (see docs/benchmarks.md).
+# rows = query positions x padded group heads per program.
 DEFAULTS = {"rows": 256, "block_n": 64, "num_warps": 8, "num_stages": 2}
-
-try:  # Triton is optional: the PyTorch path runs everywhere.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where Triton is absent
-    triton = None
 
 
 def triton_supports(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> bool:
-    """True when nsa_attention should use the kernel: CUDA tensors of one dtype, fp16 / bf16."""
+    """True when nsa_attention should use the kernel for these inputs.
+
+    The generic rule (``dispatch.use_triton``), for float16 / bfloat16 only
+    (see ``_DISPATCH_DTYPES``), and one dtype for the three tensors.
+    """
     return (
-        triton is not None
-        and q.is_cuda
-        and q.dtype in _DISPATCH_DTYPES
+        dispatch.use_triton(q, k_cmp, v_cmp, dtypes=_DISPATCH_DTYPES)
         and k_cmp.dtype == q.dtype == v_cmp.dtype
-        and k_cmp.device == q.device == v_cmp.device
     )
 
 
@@ -179,10 +174,6 @@ if triton is not None:
                               mask=(pos_m < Lq)[:, None] & (sel < n_sel)[None, :], sem="relaxed")
 
 
-def _pow2(n: int, floor: int = 1) -> int:
-    return max(floor, 1 << max(n - 1, 0).bit_length())
-
-
 def compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, *, causal=False, scale=None,
                                 selection_block_size=None, num_keys=None, rows=None, block_n=None,
                                 num_warps=None, num_stages=None):
@@ -203,20 +194,10 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, *, causal=F
         out (B, H, Lq, Dv) in q's dtype, and importance (B, Hkv, Lq, Nsel) float32 (or None).
         A query that sees no compressed block gets a zero row in both.
     """
-    if triton is None:
-        raise RuntimeError("compressed_attention_triton needs Triton, which is not installed")
-    for name, t in (("q", q), ("k_cmp", k_cmp), ("v_cmp", v_cmp)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-d tensor (B, heads, length, dim), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    B, H, Lq, D = q.shape
-    _, Hkv, Nc, Dv = v_cmp.shape
-    if k_cmp.shape[:3] != v_cmp.shape[:3] or k_cmp.shape[0] != B or k_cmp.shape[3] != D or Hkv == 0 or H % Hkv:
-        raise ValueError(f"k_cmp must be (B, Hkv, Nc, D) = ({B}, Hkv, Nc, {D}) with v_cmp (B, Hkv, Nc, Dv) and H "
-                         f"({H}) a multiple of Hkv; got k_cmp {tuple(k_cmp.shape)}, v_cmp {tuple(v_cmp.shape)}")
-    if q.dtype not in _DTYPES or k_cmp.dtype != q.dtype or v_cmp.dtype != q.dtype:
-        raise TypeError(f"q, k_cmp, v_cmp must share one dtype among float16, bfloat16, float32; got "
-                        f"{q.dtype}, {k_cmp.dtype}, {v_cmp.dtype}")
+    require_triton("compressed_attention_triton")
+    # k_cmp and v_cmp have the shapes of SDPA's k and v, with Nc compressed blocks for keys.
+    B, H, Hkv, Lq, Nc, D, Dv = check_qkv(q, k_cmp, v_cmp)
+    check_dtype(q.dtype, dispatch.KERNEL_DTYPES, "q, k_cmp, v_cmp")
     check_int(block_size, "block_size", minimum=1)
     check_int(stride, "stride", minimum=1)
     scale = resolve_scale(scale, D)
@@ -227,14 +208,14 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, *, causal=F
     cfg = {**DEFAULTS, **{k: v for k, v in (("rows", rows), ("block_n", block_n), ("num_warps", num_warps),
                                               ("num_stages", num_stages)) if v is not None}}
     G = H // Hkv
-    block_g = _pow2(G)
+    block_g = pow2(G, 1)
     block_m = max(1, cfg["rows"] // block_g)
     if block_m * block_g < 16:  # tl.dot needs at least 16 rows
         block_m = 16 // block_g
     block_n = max(16, cfg["block_n"])
     n_sel = math.ceil(num_keys / selection_block_size) if want_imp else 0
     # Selection blocks one tile of block_n compressed blocks can touch (its tokens may straddle two more).
-    block_s = _pow2(((block_n - 1) * stride + block_size - 1) // selection_block_size + 2, 16) if want_imp else 16
+    block_s = pow2(((block_n - 1) * stride + block_size - 1) // selection_block_size + 2, 16) if want_imp else 16
 
     out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
     imp = torch.zeros(B, Hkv, Lq, n_sel, dtype=torch.float32, device=q.device) if want_imp else None
@@ -248,11 +229,10 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, *, causal=F
     _compressed_fwd[grid](
         q, k_cmp, v_cmp, out, imp_arg,
         *q.stride(), *k_cmp.stride(), *v_cmp.stride(), *out.stride(), *imp_strides,
-        Hkv, Lq, Nc, n_sel, stride, block_size, selection_block_size or 1, scale * _LOG2E,
+        Hkv, Lq, Nc, n_sel, stride, block_size, selection_block_size or 1, scale * LOG2E,
         G=G, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=block_s,
-        HEAD_DIM=D, V_DIM=Dv, BLOCK_D=_pow2(D, 16), BLOCK_DV=_pow2(Dv, 16),
-        CAUSAL=bool(causal), IMPORTANCE=bool(want_imp and n_sel > 0),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HEAD_DIM=D, V_DIM=Dv, BLOCK_D=pow2(D, 16), BLOCK_DV=pow2(Dv, 16),
+        CAUSAL=bool(causal), IMPORTANCE=bool(want_imp and n_sel > 0), PRECISION=dot_precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, imp

@@ -43,11 +43,10 @@ def reference_only() -> Iterator[None]:
 
 def triton_available() -> bool:
     """True when Triton imports (it is optional: the reference paths need only PyTorch)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # Imported here, not at the top: importing Triton is slow, and only a CUDA call needs it.
+    from . import _triton
+
+    return _triton.triton is not None
 
 
 def use_triton(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> bool:

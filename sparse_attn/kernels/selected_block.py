@@ -11,7 +11,11 @@ The grid is (query position, batch x index head) with the head on the slow
 axis, so the programs in flight together read one head's K/V prefix, which
 stays in L2 for long sequences.
 
-Contract (same as ``sparse_attn.nsa.selected_block_attention``):
+Empty slots and blocks wholly in the future are masked, not skipped: masked
+loads fetch nothing, and a body without a branch lets Triton software-pipeline
+the loads, which is faster (see docs/benchmarks.md).
+
+Contract (same as ``sparse_attn.ops.nsa.selected_block_attention``):
     q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv);
     block_indices int64 (B, Hkv, Lq, S) shared by a group, or (B, H, Lq, S)
     per query head; entries are block numbers in [0, ceil(Lk / block_size)),
@@ -21,30 +25,23 @@ Contract (same as ``sparse_attn.nsa.selected_block_attention``):
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._checks import check_int, check_qkv, resolve_scale
+from . import dispatch
+from ._triton import LOG2E, check_dtype, dot_precision, pow2, require_triton, tl, triton
 
 __all__ = ["selected_block_attention_triton", "triton_supports"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LOG2E = 1.4426950408889634
 
-try:  # Triton is optional: the PyTorch path runs everywhere.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where Triton is absent
-    triton = None
+def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor) -> bool:
+    """True when the kernel may replace ``selected_block_attention`` for these inputs.
 
-
-def triton_supports(q: torch.Tensor, block_indices: torch.Tensor) -> bool:
-    """True when the Triton kernel can run these inputs (CUDA, fp16/bf16/fp32, int64 indices)."""
+    The generic rule (``dispatch.use_triton``), and the kernel's own: int64
+    block indices on q's device.
+    """
     return (
-        triton is not None
-        and q.is_cuda
-        and q.dtype in _DTYPES
+        dispatch.use_triton(q, k, v)
         and block_indices.dtype == torch.int64
         and block_indices.device == q.device
     )
@@ -65,7 +62,7 @@ if triton is not None:
         IDX_PER_KV: tl.constexpr,     # index heads per KV head (1 when shared by the group)
         HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, BRANCH: tl.constexpr, PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     ):
         i = tl.program_id(0)
         pid = tl.program_id(1)
@@ -93,48 +90,35 @@ if triton is not None:
         acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
         for s in range(S):
             blk = tl.load(idx_row + s * stride_is)
-            start = blk * block_size
-            run = blk >= 0
-            if CAUSAL:
-                run = run & (start <= i)  # a block wholly in the future adds nothing
-            cols = start + offs_n
-            # cols >= 0 is False for every key of an empty slot (-1), so the
-            # mask alone already drops it; the branch below only saves the work.
+            cols = blk * block_size + offs_n
+            # An empty slot (-1) has every cols < 0, and under causal a block wholly
+            # in the future has no cols <= i: the mask drops both, so the loop
+            # needs no branch (see the module docstring).
             ok = (offs_n < block_size) & (cols >= 0) & (cols < Lk)
             if CAUSAL:
                 ok = ok & (cols <= i)
-            if not BRANCH:
-                # Masked loads fetch nothing, and a branch-free body is easier
-                # for Triton to software-pipeline.
-                run = True
-            if run:
-                kt = tl.load(k_base + cols[None, :] * stride_kj + offs_d[:, None] * stride_kd,
-                             mask=ok[None, :] & d_ok[:, None], other=0.0)
-                scores = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-                scores = tl.where(ok[None, :], scores, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, 1))
-                # A row that has seen no allowed key keeps m = -inf; shift by 0
-                # there so exp2 gives 0 rather than NaN (-inf - -inf).
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(scores - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                vt = tl.load(v_base + cols[:, None] * stride_vj + offs_dv[None, :] * stride_vd,
-                             mask=ok[:, None] & dv_ok[None, :], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
-                m_i = m_new
+            kt = tl.load(k_base + cols[None, :] * stride_kj + offs_d[:, None] * stride_kd,
+                         mask=ok[None, :] & d_ok[:, None], other=0.0)
+            scores = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            scores = tl.where(ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            # A row that has seen no allowed key keeps m = -inf; shift by 0
+            # there so exp2 gives 0 rather than NaN (-inf - -inf).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(scores - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_base + cols[:, None] * stride_vj + offs_dv[None, :] * stride_vd,
+                         mask=ok[:, None] & dv_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+            m_i = m_new
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no allowed key: acc is 0, so is the row
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + i * stride_oi + offs_dv[None, :] * stride_od,
                  out.to(O.dtype.element_ty), mask=g_ok[:, None] & dv_ok[None, :])
 
 
-def _pow2(n: int, floor: int = 16) -> int:
-    # tl.arange needs powers of two, and tl.dot needs every dimension >= 16.
-    return max(floor, 1 << max(n - 1, 0).bit_length())
-
-
 def selected_block_attention_triton(q, k, v, block_indices, block_size, *, causal=False, scale=None,
-                                    num_warps: int = 4, num_stages: int = 2, branch: bool = False):
+                                    num_warps: int = 4, num_stages: int = 2):
     """The selected-block branch on the GPU; same contract and result as the PyTorch reference.
 
     Args:
@@ -146,22 +130,17 @@ def selected_block_attention_triton(q, k, v, block_indices, block_size, *, causa
         block_size: keys per block (>= 1); any size works, powers of two >= 16 waste nothing.
         causal: SDPA's is_causal (query i sees keys 0..i).
         scale: default 1/sqrt(D).
-        num_warps, num_stages, branch: launch tuning; results do not depend on them.
-            ``branch=True`` skips empty and future blocks with a branch instead of
-            a mask. The defaults were the fastest of 18 settings on an H200 at
-            L=65536 (docs/benchmarks.md): the branch-free body pipelines, 17.6 ms
-            against 24.8 ms with the branch.
+        num_warps, num_stages: launch tuning; results do not depend on them. The
+            defaults were the fastest settings tried on an H200 (see docs/benchmarks.md).
 
     Returns:
         (B, H, Lq, Dv) in q's dtype. Rows with no allowed key are zeros.
     """
-    if triton is None:
-        raise RuntimeError("selected_block_attention_triton needs Triton, which is not installed")
+    require_triton("selected_block_attention_triton")
     B, H, Hkv, Lq, Lk, D, Dv = check_qkv(q, k, v)
     check_int(block_size, "block_size", minimum=1)
     scale = resolve_scale(scale, D)
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"q, k, v must be float16, bfloat16 or float32 for the Triton kernel, got {q.dtype}")
+    check_dtype(q.dtype, dispatch.KERNEL_DTYPES)
     if not isinstance(block_indices, torch.Tensor) or block_indices.dtype != torch.int64:
         raise TypeError("block_indices must be an int64 tensor")
     if block_indices.dim() != 4 or tuple(block_indices.shape[:1]) + tuple(block_indices.shape[2:3]) != (B, Lq) \
@@ -180,11 +159,10 @@ def selected_block_attention_triton(q, k, v, block_indices, block_size, *, causa
     _selected_block_fwd[grid](
         q, k, v, block_indices, out,
         *q.stride(), *k.stride(), *v.stride(), *block_indices.stride(), *out.stride(),
-        n_idx, Lk, S, block_size, scale * _LOG2E,
+        n_idx, Lk, S, block_size, scale * LOG2E,
         G=G, IDX_PER_KV=n_idx // Hkv, HEAD_DIM=D, V_DIM=Dv,
-        BLOCK_G=_pow2(G), BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_N=_pow2(block_size),
-        CAUSAL=bool(causal), BRANCH=bool(branch),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_G=pow2(G, 16), BLOCK_D=pow2(D, 16), BLOCK_DV=pow2(Dv, 16), BLOCK_N=pow2(block_size, 16),
+        CAUSAL=bool(causal), PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -1,58 +1,76 @@
 """Exact top-k attention on the GPU in two fused passes, without a score matrix.
 
-A full-row ``torch.topk`` costs about twenty times the QK^T matmul that makes
-the scores (docs/benchmarks.md). Here the scores never leave the chip:
+A full-row ``torch.topk`` costs many times the QK^T matmul that makes the
+scores (see docs/benchmarks.md). Here the scores never leave the chip:
 
 1. ``_segment_max``: one program per (block of queries, head) walks the keys
    tile by tile (``BLOCK_N`` keys, a *segment*) and writes only each row's
    maximum per segment: Lk / BLOCK_N numbers per query.
 2. The k-th largest segment maximum is a threshold t with at least k keys at or
    above it (one per segment), so every top-k key scores >= t.
-3. The same walk again finds the keys scoring >= t. By default
-   (``append="mask"``, not causal) ``_collect_mask`` stores only one 64-bit
-   mask per row and segment (1.6 ms against 0.93 for pass 1 at L=16384 on an
-   H200; appending per key in the tile took 6.5 ms); ``_compact_mask`` turns
-   the set bits into a short per-row candidate list and ``_rescore`` computes
-   those keys' scores again. ``_collect`` instead appends in the tile (slots
-   from a popcount of the row's bits, a prefix sum, or atomics).
-4. A sort in registers (or ``torch.topk``) over the candidates (``capacity``
-   per row) picks the k keys.
+3. The same walk again finds the keys scoring >= t, in one of two ways:
+   - not causal: ``_collect_mask`` stores only one 64-bit mask per row and
+     segment, a row reduction like pass 1's maximum and much cheaper than
+     storing per key (see docs/benchmarks.md); ``_compact_mask`` turns the set
+     bits into a short per-row candidate list and ``_rescore`` computes those
+     keys' scores again;
+   - causal (and segments wider than 64 keys): ``_collect`` appends each
+     passing key and its tile score to the row's list, slots from a prefix sum
+     over the tile.
+4. A sort in registers (``torch.topk`` for rows too long for one) over the
+   candidates (``capacity`` per row) picks the k keys.
+5. ``_softmax_gather``: the softmax of the k scores and the sum of their values.
 
-On random data about 1.15 k keys pass the threshold (k=64, 16k keys; 1.4 k at
-most), under the default ``capacity`` of 2 k. A row that overflows (many equal scores, or an
-early causal row whose threshold is -inf) is redone exactly in PyTorch, so the
-result is exact for every input; ``last_overflow_rows`` says how many were.
-Scores are float32 dot products of the inputs (IEEE for float32 inputs); with
-"mask" the final pick uses the re-computed scores, which round differently
-from the tile's, so keys tied to about 1e-5 at the k-th place may swap.
+On random data only a little more than k keys pass the threshold (see
+docs/benchmarks.md), well under the default ``capacity``. A row that overflows
+(many equal scores, or an early causal row whose threshold is -inf) is redone
+exactly in PyTorch, so the result is exact for every input;
+``fused_topk_select`` returns how many rows were.
+Scores are float32 dot products of the inputs (IEEE for float32 inputs). Not
+causal, the final pick uses the re-computed scores, which round differently
+from the tile's, so keys tied to rounding at the k-th place may swap (see
+docs/benchmarks.md).
 """
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
-from einops import rearrange
 
 from .._checks import check_int, check_qkv, resolve_scale
-from ..attention import gather_kv
+from . import dispatch
+from ._triton import check_dtype, dot_precision, libdevice, pow2, require_triton, tl, triton
 
-__all__ = ["fused_topk_attention", "fused_topk_select", "triton_supports"]
+__all__ = ["FusedSelection", "fused_topk_attention", "fused_topk_select", "triton_supports"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-last_overflow_rows = 0
-_HW_POPC = os.environ.get("TRITON_INTERPRET") != "1"
-
-try:
-    import triton
-    import triton.language as tl
-    from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover
-    triton = None
+# Triton's CPU interpreter has no popc: _popc64 counts bits with integer tricks there.
+_HW_POPC = libdevice is not None and os.environ.get("TRITON_INTERPRET") != "1"
+# Longest row (segment maxima, candidates) a sort in registers takes; longer rows use torch.topk.
+_SORT_MAX = 4096
 
 
-def triton_supports(q: torch.Tensor) -> bool:
-    """True when the fused kernels can run q (CUDA, fp16/bf16/fp32)."""
-    return triton is not None and q.is_cuda and q.dtype in _DTYPES
+class FusedSelection(NamedTuple):
+    """What ``fused_topk_select`` picked.
+
+    ``values`` and ``indices`` are (B * H, Lq, min(top_k, Lk)): the float32
+    unscaled scores q.k of each row's picked keys and their key indices
+    (int64), in no particular order; a slot with no allowed key holds -inf
+    (its index is arbitrary). ``overflow_rows`` counts the rows whose
+    candidates overflowed ``capacity`` and were redone exactly in PyTorch.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    overflow_rows: int
+
+
+def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True when ``fused_topk_attention`` may replace ``topk_attention`` for these inputs.
+
+    Only the generic rule (``dispatch.use_triton``): the kernels take any shape.
+    """
+    return dispatch.use_triton(q, k, v)
 
 
 if triton is not None:
@@ -126,8 +144,12 @@ if triton is not None:
                  stride_kb, stride_kh, stride_kj, stride_kd,
                  H, G, Lq, Lk, capacity,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, APPEND: tl.constexpr,
-                 HW_POPC: tl.constexpr):
+                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+        """Pass 2 appending in the tile: each passing key's score and index go to its row's next slot.
+
+        A key's slot is its row's count so far plus a prefix sum over the tile;
+        slots past ``capacity`` are not stored, but CNT still counts them.
+        """
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -139,32 +161,18 @@ if triton is not None:
         flat = bh * Lq + rows
         tau = tl.load(TAU + flat, mask=row_ok, other=float("inf"))
         count = tl.zeros([BLOCK_M], tl.int32)
-        bit = tl.full([BLOCK_N], 1, tl.int64) << tl.arange(0, BLOCK_N).to(tl.int64)  # APPEND == 2 only
         for t in range(0, _n_tiles(pid_m, Lq, Lk, BLOCK_M, BLOCK_N, CAUSAL)):
             s, cols = _score_tile(q, k_base, stride_kj, stride_kd, rows, t, Lk,
                                   HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, PRECISION)
             # s > -inf: with tau = -inf (fewer than k segments) masked keys must still stay out.
             keep = (s >= tau[:, None]) & (s > float("-inf")) & row_ok[:, None]
-            if APPEND == 2:
-                # A key's slot is the number of passing keys before it in its row: the
-                # popcount of the row's bitmask below its bit. The mask is a plain row
-                # reduction, like the maximum of pass 1; a scan over the tile costs more.
-                bits = tl.sum(tl.where(keep, bit[None, :], 0), 1)
-                slot = count[:, None] + _popc64(bits[:, None] & (bit - 1)[None, :], HW_POPC)
-                count += _popc64(bits, HW_POPC)
-            elif APPEND == 1:
-                # One atomic per passing key instead of a prefix sum per tile
-                # (measured slower on an H200; kept as an option).
-                slot = tl.atomic_add(CNT + flat[:, None] + tl.zeros_like(cols)[None, :], 1, mask=keep)
-            else:
-                slot = count[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
-                count += tl.sum(keep.to(tl.int32), 1)
+            slot = count[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+            count += tl.sum(keep.to(tl.int32), 1)
             dst = flat[:, None] * capacity + slot
             store = keep & (slot < capacity)
             tl.store(CV + dst, s, mask=store)
             tl.store(CI + dst, cols[None, :] + tl.zeros_like(slot), mask=store)
-        if APPEND != 1:
-            tl.store(CNT + flat, count, mask=row_ok)
+        tl.store(CNT + flat, count, mask=row_ok)
 
 
     @triton.jit
@@ -316,18 +324,9 @@ if triton is not None:
                  mask=row_ok[:, None] & (offs_dv[None, :] < V_DIM))
 
 
-def _pow2(n: int, floor: int = 16) -> int:
-    return max(floor, 1 << max(n - 1, 0).bit_length())
-
-
-_APPENDS = {"scan": 0, "atomic": 1, "bits": 2, "mask": 3}
-
-
 def fused_topk_attention(q, k, v, top_k: int, *, causal: bool = False, scale: float | None = None,
                          capacity: int | None = None, block_m: int = 64, block_n: int | None = None,
-                         query_chunk_size: int = 4096, num_warps: int = 4, num_stages: int = 2,
-                         select: str = "triton", atomic: bool = False, gather: str = "triton",
-                         append: str | None = None):
+                         num_warps: int = 4, num_stages: int = 2):
     """Each query attends to its ``top_k`` highest-scoring allowed keys; same result as ``topk_attention``.
 
     Args:
@@ -341,108 +340,69 @@ def fused_topk_attention(q, k, v, top_k: int, *, causal: bool = False, scale: fl
         block_m, block_n: queries per program and keys per segment (powers of two >= 16).
             Default block_n: as large as 64 while leaving >= 4 * top_k segments, so
             the threshold stays tight (with only top_k segments every key passes).
-        query_chunk_size: queries per step of the final gather of values (bounds its memory).
-        select: "triton" picks the threshold and the final k with sorts in registers
-            (one row block per program); "torch" uses ``torch.topk`` for both.
-        append: how pass 2 builds each row's candidate list (default: "mask", "scan" when causal):
-            "mask" stores only a 64-bit mask per row and segment; a second
-            kernel turns the bits into key indices and a third scores those keys
-            again (a float32 dot product per candidate: the final pick may differ
-            from the tile's scores only among keys tied to rounding);
-            "bits" appends in the tile, a slot being the popcount of the row's bits below the key;
-            "scan" a prefix sum over the tile (6.5 ms for this pass at L=16384 on an
-            H200, run 4); "atomic" one atomic per passing key (9.6 ms; the order of
-            candidates, and so the choice among exactly tied scores, may vary).
-            "mask" and "bits" need block_n <= 64 and fall back to "scan" above that.
-        atomic: True is the older spelling of append="atomic".
-        gather: "triton" fuses the softmax and the gather of the k values per query;
-            "torch" gathers them with ``gather_kv`` in query chunks.
+        num_warps, num_stages: launch tuning of the two passes; results do not depend on them.
 
     Returns:
         (B, H, Lq, Dv) in q's dtype; rows with no allowed key are zeros. Not differentiable.
-        Extra memory: Lq * (2 * Lk / block_n + 3 * capacity) numbers per head, plus one
-        value gather of ``query_chunk_size * top_k * Dv`` per head.
+        Extra memory: Lq * (2 * Lk / block_n + 3 * capacity) numbers per head.
     """
-    if triton is None:
-        raise RuntimeError("fused_topk_attention needs Triton, which is not installed")
+    require_triton("fused_topk_attention")
     B, H, Hkv, Lq, Lk, D, Dv = check_qkv(q, k, v)
     check_int(top_k, "top_k", minimum=1)
-    check_int(query_chunk_size, "query_chunk_size", minimum=1)
     scale = resolve_scale(scale, D)
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"q, k, v must be float16, bfloat16 or float32 for the fused kernels, got {q.dtype}")
-    for name, val in (("select", select), ("gather", gather)):
-        if val not in ("triton", "torch"):
-            raise ValueError(f"{name} must be 'triton' or 'torch', got {val!r}")
+    check_dtype(q.dtype, dispatch.KERNEL_DTYPES)
     if Lq == 0 or Lk == 0:
         return q.new_zeros(B, H, Lq, Dv)
-    vals, idx = fused_topk_select(q, k, top_k, causal=causal, capacity=capacity, block_m=block_m,
-                                  block_n=block_n, num_warps=num_warps, num_stages=num_stages, select=select,
-                                  append="atomic" if atomic else append)
+    vals, idx, _ = fused_topk_select(q, k, top_k, causal=causal, capacity=capacity, block_m=block_m,
+                                     block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     K = vals.shape[-1]
-    dev = q.device
     n_rows = B * H * Lq
     idx = idx.masked_fill(torch.isneginf(vals), -1)
-    if gather == "triton":
-        out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=dev)
-        br = 32
-        _softmax_gather[(triton.cdiv(n_rows, br),)](
-            vals.contiguous(), idx.contiguous(), v, out, n_rows, Lq, H, H // Hkv, K, scale, *v.stride(),
-            *out.stride(), V_DIM=Dv, BLOCK_R=br, BLOCK_K=_pow2(K, 1), BLOCK_DV=_pow2(Dv), num_warps=4)
-        return out
-    weights = torch.softmax(vals * scale, dim=-1).nan_to_num_(0.0)  # a row of -inf: no allowed key
-    weights = rearrange(weights, "(b h) i s -> b h i s", b=B)
-    idx = rearrange(idx, "(b h) i s -> b h i s", b=B)
-    out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=dev)
-    for i0 in range(0, Lq, query_chunk_size):
-        sl = slice(i0, i0 + query_chunk_size)
-        to_kv = lambda t: rearrange(t[:, :, sl], "b (hk g) i s -> b hk (g i) s", hk=Hkv)  # noqa: E731
-        v_sel = gather_kv(v, to_kv(idx).clamp(min=0))
-        o = torch.einsum("bhrs,bhrsd->bhrd", to_kv(weights).to(v.dtype), v_sel)
-        out[:, :, sl] = rearrange(o, "b hk (g i) d -> b (hk g) i d", g=H // Hkv)
+    out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
+    br = 32
+    _softmax_gather[(triton.cdiv(n_rows, br),)](
+        vals.contiguous(), idx.contiguous(), v, out, n_rows, Lq, H, H // Hkv, K, scale, *v.stride(),
+        *out.stride(), V_DIM=Dv, BLOCK_R=br, BLOCK_K=pow2(K, 1), BLOCK_DV=pow2(Dv, 16), num_warps=4)
     return out
 
 
+def _check_block(value: object, name: str) -> int:
+    # tl.arange tiles need powers of two, and tl.dot needs at least 16 per dimension.
+    if check_int(value, name, minimum=16) & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    return value
+
+
 def fused_topk_select(q, k, top_k: int, *, causal: bool = False, capacity: int | None = None,
-                      block_m: int = 64, block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                      select: str = "triton", append: str | None = None):
+                      block_m: int = 64, block_n: int | None = None, num_warps: int = 4,
+                      num_stages: int = 2) -> FusedSelection:
     """The selection step of ``fused_topk_attention`` alone (same arguments).
 
-    Returns ``(scores, indices)``, each (B * H, Lq, min(top_k, Lk)): the float32
-    unscaled scores q.k of each row's picked keys and their key indices (int64),
-    in no particular order; a slot with no allowed key holds -inf (its index is
-    arbitrary). Sets ``last_overflow_rows``.
+    Returns a ``FusedSelection(values, indices, overflow_rows)``: values and
+    indices (B * H, Lq, min(top_k, Lk)) of each row's picked keys, and how many
+    rows overflowed ``capacity`` and were redone exactly.
     """
-    global last_overflow_rows
+    require_triton("fused_topk_select")
     B, H, Hkv, Lq, Lk, D, _ = check_qkv(q, k, k)
     check_int(top_k, "top_k", minimum=1)
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"q, k, v must be float16, bfloat16 or float32 for the fused kernels, got {q.dtype}")
+    check_dtype(q.dtype, dispatch.KERNEL_DTYPES)
     if block_n is None:
         block_n = 64
         while block_n > 16 and Lk < 4 * top_k * block_n:
             block_n //= 2
-    for name, val in (("block_m", block_m), ("block_n", block_n)):
-        if check_int(val, name, minimum=16) & (val - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {val}")
-    if select not in ("triton", "torch"):
-        raise ValueError(f"select must be 'triton' or 'torch', got {select!r}")
-    if append is None:
-        # Causal inputs stay on "scan": "mask" is untimed there, and in one causal fp32 case
-        # its re-scored near-ties moved the output by 4.9e-4 (docs/benchmarks.md, runs 8-9).
-        append = "scan" if causal else "mask"
-    if append not in _APPENDS:
-        raise ValueError(f"append must be one of {sorted(_APPENDS)}, got {append!r}")
-    if append in ("bits", "mask") and block_n > 64:  # one int64 mask per row and tile
-        append = "scan"
+    _check_block(block_m, "block_m")
+    _check_block(block_n, "block_n")
+    # Causal inputs append in the tile: the mask's re-scored near-ties moved a causal
+    # float32 output more than the tile scores did (see docs/benchmarks.md). The mask
+    # holds one int64 per row and segment, so wider segments append in the tile too.
+    use_mask = not causal and block_n <= 64
     K = min(top_k, Lk)
     C = capacity if capacity is not None else max(2 * K, 128)
     check_int(C, "capacity", minimum=max(K, 1))
     n_seg = triton.cdiv(Lk, block_n)
     dev = q.device
-    common = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D), CAUSAL=bool(causal),
-                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
-                  num_stages=num_stages)
+    common = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=pow2(D, 16), CAUSAL=bool(causal),
+                  PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     grid = (triton.cdiv(Lq, block_m), B * H)
     strides = (*q.stride(), *k.stride())
 
@@ -451,11 +411,11 @@ def fused_topk_select(q, k, top_k: int, *, causal: bool = False, capacity: int |
     n_rows = B * H * Lq
     if n_seg < K:  # fewer segments than k: every allowed key is a candidate
         tau = torch.full((B * H, Lq), float("-inf"), device=dev)
-    elif select == "triton" and n_seg <= 4096:
+    elif n_seg <= _SORT_MAX:
         tau = torch.empty((B * H, Lq), device=dev)
-        br = max(1, min(16, 4096 // _pow2(n_seg)))
+        br = max(1, min(16, 4096 // pow2(n_seg, 16)))
         _kth_largest[(triton.cdiv(n_rows, br),)](seg_max, tau, n_rows, n_seg, K, BLOCK_R=br,
-                                                  BLOCK_C=_pow2(n_seg), num_warps=4)
+                                                  BLOCK_C=pow2(n_seg, 16), num_warps=4)
     else:
         tau = seg_max.topk(K, dim=-1, sorted=False).values.amin(dim=-1).contiguous()
     del seg_max
@@ -463,26 +423,25 @@ def fused_topk_select(q, k, top_k: int, *, causal: bool = False, capacity: int |
     cand_v = torch.full((B * H, Lq, C), float("-inf"), device=dev)
     cand_i = torch.full((B * H, Lq, C), -1, dtype=torch.int32, device=dev)
     count = torch.zeros((B * H, Lq), dtype=torch.int32, device=dev)
-    if append == "mask":
-        # causal: tiles after a row block's last query are never visited, so their bits must start at 0
-        mask = (torch.zeros if causal else torch.empty)((B * H, Lq, n_seg), dtype=torch.int64, device=dev)
+    if use_mask:
+        # Not causal, every tile is visited, so every mask entry is written.
+        mask = torch.empty((B * H, Lq, n_seg), dtype=torch.int64, device=dev)
         _collect_mask[grid](q, k, tau, mask, *strides, H, H // Hkv, Lq, Lk, n_seg, **common)
-        br = max(1, min(16, 4096 // _pow2(n_seg)))
+        br = max(1, min(16, 4096 // pow2(n_seg, 16)))
         _compact_mask[(triton.cdiv(n_rows, br),)](mask, cand_i, count, n_rows, n_seg, C, BLOCK_N=block_n,
-                                                   BLOCK_R=br, BLOCK_S=_pow2(n_seg), HW_POPC=_HW_POPC,
+                                                   BLOCK_R=br, BLOCK_S=pow2(n_seg, 16), HW_POPC=_HW_POPC,
                                                    num_warps=4)
         del mask
         _rescore[(triton.cdiv(n_rows, 32),)](q, k, cand_i, cand_v, count, n_rows, Lq, H, H // Hkv, C,
-                                             *strides, HEAD_DIM=D, BLOCK_R=32, BLOCK_D=_pow2(D), num_warps=4)
+                                             *strides, HEAD_DIM=D, BLOCK_R=32, BLOCK_D=pow2(D, 16), num_warps=4)
     else:
-        _collect[grid](q, k, tau, cand_v, cand_i, count, *strides, H, H // Hkv, Lq, Lk, C,
-                       APPEND=_APPENDS[append], HW_POPC=_HW_POPC, **common)
-    if select == "triton" and C <= 4096:
+        _collect[grid](q, k, tau, cand_v, cand_i, count, *strides, H, H // Hkv, Lq, Lk, C, **common)
+    if C <= _SORT_MAX:
         vals = torch.full((B * H, Lq, K), float("-inf"), device=dev)
         idx32 = torch.full((B * H, Lq, K), -1, dtype=torch.int32, device=dev)
-        br = max(1, min(16, 4096 // _pow2(C)))
+        br = max(1, min(16, 4096 // pow2(C, 16)))
         _pick_k[(triton.cdiv(n_rows, br),)](cand_v, cand_i, vals, idx32, n_rows, C, K, BLOCK_R=br,
-                                             BLOCK_C=_pow2(C), num_warps=4)
+                                             BLOCK_C=pow2(C, 16), num_warps=4)
         idx = idx32.long()
     else:
         vals, pos = cand_v.topk(K, dim=-1)
@@ -490,10 +449,9 @@ def fused_topk_select(q, k, top_k: int, *, causal: bool = False, capacity: int |
     del cand_v, cand_i
 
     over = (count > C).nonzero()
-    last_overflow_rows = over.shape[0]
-    if last_overflow_rows:
+    if over.shape[0]:
         _redo_rows(q, k, over, vals, idx, K, causal, H // Hkv)
-    return vals, idx
+    return FusedSelection(vals, idx, over.shape[0])
 
 
 def _redo_rows(q, k, over, vals, idx, K, causal, G):

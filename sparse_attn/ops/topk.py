@@ -68,10 +68,11 @@ def topk_attention(
     qc = query_chunk_size or chunk_size or max(Lq, 1)
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if chunk_size is not None and not return_selection and Lq and Lk and dispatch.use_triton(q, k, v):
-        # The fused passes keep the scores on chip (same result up to ties and rounding).
+        # Gate first: the kernel module imports Triton. The fused passes keep the scores on chip
+        # (same result up to ties and rounding).
         from ..kernels.topk_fused import fused_topk_attention, triton_supports
 
-        if triton_supports(q):
+        if triton_supports(q, k, v):
             return fused_topk_attention(q, k, v, top_k, causal=causal, scale=scale)
 
     qg = rearrange(q, "b (hk g) i d -> b hk g i d", hk=Hkv)

@@ -79,7 +79,7 @@ def _compressed_fused(q, k, v, k_cmp, v_cmp, block_size, stride, selection_block
     Returns (out, importance) as nsa_attention's PyTorch path computes them for
     a shared selection and overlap mapping (importance in float32).
     """
-    if not dispatch.use_triton(q, k, v):
+    if not dispatch.use_triton(q, k, v):  # before importing the kernel (and Triton)
         return None
     from ...kernels.compressed import compressed_attention_triton, triton_supports
 

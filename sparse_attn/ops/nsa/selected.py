@@ -81,10 +81,10 @@ def _selected_impl(q, k, v, block_indices, block_size, causal, scale, block_bias
     of every token of a slot; NSA's differentiable top-k uses it. A backend that
     does not take it must leave those calls to the reference.
     """
-    if block_bias is None and dispatch.use_triton(q, k, v):
+    if block_bias is None and dispatch.use_triton(q, k, v):  # before importing the kernel (and Triton)
         from ...kernels.selected_block import selected_block_attention_triton, triton_supports
 
-        if triton_supports(q, block_indices):
+        if triton_supports(q, k, v, block_indices):
             return selected_block_attention_triton(q, k, v, block_indices, block_size, causal=causal, scale=scale)
     return _selected_reference(q, k, v, block_indices, block_size, causal=causal, scale=scale, block_bias=block_bias)
 
