@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+# Started as a script (python benchmarks/...), the checkout is not on the import path.
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -25,7 +26,7 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 
 from sparse_attn.i18n import t  # noqa: E402
 from sparse_attn.ui.server import CHROMIUM, CHROMIUM_ARGS, serve  # noqa: E402
-from tests.browser.helpers import signature, wait_for_new_signature, wait_for_plot, wait_idle  # noqa: E402
+from benchmarks.browser import signature, wait_for_new_signature, wait_for_plot, wait_idle  # noqa: E402
 
 
 def p95(xs: list[float]) -> float:

@@ -1,46 +1,10 @@
-"""What the browser tests and the latency benchmark read from the page.
-
-Charts are found by their Streamlit key (the ``st-key-<key>`` class of their
-container), never by position: charts can mount in any order.
-"""
+"""What the browser tests read from the page: the drivers' helpers (``benchmarks.browser``) and two of their own."""
 from __future__ import annotations
 
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
-MAPS = "maps_chart"
+from benchmarks.browser import IDLE, MAPS, TRACE_SIGNATURE, signature, wait_for_new_signature, wait_for_plot, wait_idle
 
-# A fingerprint of one heatmap trace: (rows, cols, non-zero cells, sum), read from plotly's own data.
-TRACE_SIGNATURE = """([key, trace]) => {
-  const el = document.querySelector('.st-key-' + key + ' .js-plotly-plot');
-  if (!el || !el._fullData || !el._fullData[trace]) return null;
-  const z = el._fullData[trace].z;
-  if (!z || !z.length) return null;
-  let nz = 0, sum = 0;
-  for (const row of z) for (const v of row) { if (v > 0) nz += 1; sum += v; }
-  return [z.length, z[0].length, nz, Math.round(sum * 1e6) / 1e6];
-}"""
-
-
-def wait_idle(page, timeout: float = 60_000) -> None:
-    page.wait_for_selector(IDLE, timeout=timeout)
-
-
-def signature(page, key: str = MAPS, trace: int = 1):
-    return page.evaluate(TRACE_SIGNATURE, [key, trace])
-
-
-def wait_for_new_signature(page, old, key: str = MAPS, trace: int = 1, timeout: float = 60_000):
-    """Wait until the trace's data on screen differs from ``old``; return the new signature."""
-    page.wait_for_function(
-        f"([old, key, trace]) => {{ const s = ({TRACE_SIGNATURE})([key, trace]); "
-        "return s !== null && JSON.stringify(s) !== JSON.stringify(old); }",
-        arg=[old, key, trace], timeout=timeout, polling="raf",
-    )
-    return signature(page, key, trace)
-
-
-def wait_for_plot(page, key: str = MAPS, trace: int = 1, timeout: float = 60_000):
-    page.wait_for_function(f"() => ({TRACE_SIGNATURE})(['{key}', {trace}]) !== null", timeout=timeout)
-    return signature(page, key, trace)
+__all__ = ["IDLE", "MAPS", "TRACE_SIGNATURE", "wait_idle", "signature", "wait_for_new_signature", "wait_for_plot",
+           "trace_count", "set_slider"]
 
 
 def trace_count(page, key: str, timeout: float = 60_000) -> int:
