@@ -27,9 +27,8 @@ CELLS = [
     Code("""
         import torch
         from sparse_attn import viz
-        from sparse_attn.attention import dense_attention, topk_attention
         from sparse_attn.metrics import relative_error
-        from sparse_attn.sampling import sampled_attention
+        from sparse_attn.ops import dense_attention, sampled_attention, topk_attention
         from sparse_attn.sources import synthetic_qkv
         from sparse_attn.sweep import budget_sweep
 
@@ -122,21 +121,30 @@ CELLS = [
         One run is what a model gets, so compare single runs at equal budgets. `budget_sweep` runs
         each method at each budget (sampling over 3 seeds) on a retrieval pattern: each query
         matches 3 keys, and the rest of its mass is spread over the tail. The hybrid spends half
-        the budget on exact top keys and samples the other half from the tail.
+        the budget on exact top keys and samples the other half from the tail. Both sampling
+        methods draw from the uniform proposal here (`proposals=["uniform"]`); the sweep runs them
+        once per proposal it is given, and labels each line with its method and proposal.
         """,
         zh="""
+        ## 2. 固定预算下谁更好？
+
         模型拿到的只是一次运行，所以在相同预算下比较单次运行。`budget_sweep` 在检索模式上对每种方法、
         每个预算各运行一次（采样方法取 3 个种子）：每个查询与 3 个键匹配，其余质量分散在尾部。混合方法
-        把一半预算用于精确的最高分键，另一半用于从尾部采样。
+        把一半预算用于精确的最高分键，另一半用于从尾部采样。这里两种采样方法都从均匀提议分布中抽取
+        （`proposals=["uniform"]`）；给出几个提议分布，扫描就对每个分布各运行一次，并用方法和提议分布为每条线命名。
         """,
     ),
     Code("""
         qr, kr, vr = synthetic_qkv("retrieval", heads=1, length=256, head_dim=32, seed=0, strength=6.0)
-        sweep = budget_sweep(qr, kr, vr, ["topk", "hybrid", "sampled:uniform"], [8, 16, 32], seeds=range(3))
-        names = {"topk": tr("top-k", "Top-k"), "hybrid": tr("hybrid (top-k + sampled tail)", "混合（Top-k + 尾部采样）"),
-                 "sampled:uniform": tr("importance sampling (uniform)", "重要性采样（均匀）")}
-        viz.budget_curve(sweep, x="budget", y="error_mean", color="method", names=names, lang=LANG).show()
-        errors = sweep.pivot(index="budget", columns="method", values="error_mean")
+        sweep = budget_sweep(qr, kr, vr, ["topk", "hybrid", "sampling"], [8, 16, 32], proposals=["uniform"],
+                             seeds=range(3))
+        # One line per method and proposal ("" for top-k, which reads none).
+        sweep["series"] = [f"{m} ({p})" if p else m for m, p in zip(sweep.method, sweep.proposal)]
+        names = {"topk": tr("top-k", "Top-k"),
+                 "hybrid (uniform)": tr("hybrid (top-k + sampled tail)", "混合（Top-k + 尾部采样）"),
+                 "sampling (uniform)": tr("importance sampling (uniform)", "重要性采样（均匀）")}
+        viz.budget_curve(sweep, x="budget", y="error_mean", color="series", names=names, lang=LANG).show()
+        errors = sweep.pivot(index="budget", columns="series", values="error_mean")
         errors
     """),
     Claim(
@@ -150,8 +158,8 @@ CELLS = [
         在这些输入上，Top-k 在每个预算下的误差 **更低**：它的偏差（丢掉的尾部）比混合方法的方差小。
         """,
         check="""
-        assert (errors["hybrid"] < errors["sampled:uniform"] / 2).all(), errors
-        assert (errors["topk"] < errors["hybrid"]).all(), errors
+        assert (errors["hybrid (uniform)"] < errors["sampling (uniform)"] / 2).all(), errors
+        assert (errors["topk"] < errors["hybrid (uniform)"]).all(), errors
         """,
     ),
     Md(
@@ -168,12 +176,12 @@ CELLS = [
     Exercises(
         en=(
             "Rerun section 2 with `strength=4.0` and with `strength=8.0`. How does the gap between top-k and the hybrid change as the tail gets heavier?",
-            "Add `\"sampled:oracle\"` and `\"sampled:lsh\"` to the sweep. Which proposal comes closest to top-k, and what does the oracle need that a real kernel does not have?",
+            "Add `\"lsh\"` and `\"oracle\"` to the sweep's `proposals`. Which proposal comes closest to top-k, and what does the oracle need that a real kernel does not have?",
             "Repeat section 1 with `topk_attention(q, k, v, 16)` replaced by the hybrid `sampled_attention(q, k, v, 8, top_k=8, ...)`. How much of its error is variance?",
         ),
         zh=(
             "用 `strength=4.0` 和 `strength=8.0` 重做第 2 节。尾部变重时，Top-k 与混合方法之间的差距如何变化？",
-            "在预算扫描中加入 `\"sampled:oracle\"` 和 `\"sampled:lsh\"`。哪种提议分布最接近 Top-k？oracle 需要什么真实内核没有的东西？",
+            "在预算扫描的 `proposals` 中加入 `\"lsh\"` 和 `\"oracle\"`。哪种提议分布最接近 Top-k？oracle 需要什么真实内核没有的东西？",
             "把第 1 节中的 `topk_attention(q, k, v, 16)` 换成混合方法 `sampled_attention(q, k, v, 8, top_k=8, ...)` 再做一遍。它的误差中有多少是方差？",
         ),
     ),

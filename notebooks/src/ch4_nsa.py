@@ -37,9 +37,9 @@ CELLS = [
         import torch
         from einops import reduce
         from sparse_attn import viz
-        from sparse_attn.attention import dense_attention, topk_attention
         from sparse_attn.metrics import mass_kept, relative_error
-        from sparse_attn.nsa import compress_kv, nsa_attention, selected_token_mask, sliding_window_mask
+        from sparse_attn.ops import dense_attention, topk_attention
+        from sparse_attn.ops.nsa import compress_kv, nsa_attention, selected_token_mask, sliding_window_mask
         from sparse_attn.sources import synthetic_qkv
 
 

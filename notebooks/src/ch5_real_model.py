@@ -31,8 +31,8 @@ CELLS = [
         import pandas as pd
         import torch
         from sparse_attn import viz
-        from sparse_attn.attention import dense_attention, topk_attention
         from sparse_attn.metrics import mass_kept
+        from sparse_attn.ops import dense_attention, topk_attention
         from sparse_attn.sources import Source, load
 
 

@@ -12,14 +12,14 @@ CELLS = [
         Two settings decide how top-k attention behaves: **k**, which sets what it keeps (quality),
         and the **chunk** size C, which sets how it runs (memory and speed, chapter 2). Pick k from
         quality first, then time the chunk sizes on the machine you will use. Timings below are the
-        median and the fastest of at least five runs, measured with `sparse_attn.bench.time_fn`
+        median and the fastest of at least five runs, measured with `sparse_attn.timing.time_fn`
         (`torch.utils.benchmark`, which warms up and synchronises the GPU); your numbers will differ
         from anyone else's, which is the point.
         """,
         zh="""
         有两个设置决定 Top-k 注意力的表现：**k** 决定保留什么（质量），**分块** 大小 C 决定怎样运行
         （内存和速度，见第 2 章）。先根据质量选定 k，再在你要用的机器上为各个分块大小计时。下面的时间是
-        至少五次运行的中位数和最快值，由 `sparse_attn.bench.time_fn` 测得（基于 `torch.utils.benchmark`，
+        至少五次运行的中位数和最快值，由 `sparse_attn.timing.time_fn` 测得（基于 `torch.utils.benchmark`，
         它会预热并同步 GPU）；你的数字会和别人的不同，这正是要点所在。
         """,
     ),
@@ -28,10 +28,10 @@ CELLS = [
         import torch
         import torch.nn.functional as F
         from sparse_attn import viz
-        from sparse_attn.attention import dense_attention, topk_attention
-        from sparse_attn.bench import time_fn
         from sparse_attn.metrics import mass_kept
+        from sparse_attn.ops import dense_attention, topk_attention
         from sparse_attn.sources import synthetic_qkv
+        from sparse_attn.timing import time_fn
 
 
         def tr(en, zh):
@@ -88,7 +88,7 @@ CELLS = [
         def timed(fn):
             \"\"\"Median and fastest run in ms. Other programs can only slow a run down, so the fastest
             run is the steadiest number to compare; the median is what to expect.\"\"\"
-            t = time_fn(fn, device=device, min_run_time=0.05, min_runs=5)
+            t = time_fn(fn, min_run_time=0.05, min_runs=5)
             return dict(median_ms=t.median * 1e3, best_ms=min(t.times) * 1e3)
 
 
@@ -167,18 +167,19 @@ CELLS = [
     ),
     Md(
         en="""
-        For longer sequences, more heads or another dtype, run the same comparison from a shell;
-        each case runs in a fresh process so its peak memory is its own:
+        For longer sequences, more heads or another dtype, run the same comparison from a shell
+        in the repository's root directory; each case runs in a fresh process so its peak memory
+        is its own:
 
         ```
-        python -m sparse_attn.bench topk --lengths 1024 4096 16384 --heads 8 --head-dim 64 --top-k 64 --chunk-size 1024
+        python -m benchmarks topk --lengths 1024 4096 16384 --heads 8 --head-dim 64 --top-k 64 --chunk-size 1024
         ```
         """,
         zh="""
-        若要测试更长的序列、更多的注意力头或其他数据类型，可在命令行中运行同样的比较；每个用例都在新的进程中运行，因此其峰值内存只属于它自己：
+        若要测试更长的序列、更多的注意力头或其他数据类型，可在仓库根目录下的命令行中运行同样的比较；每个用例都在新的进程中运行，因此其峰值内存只属于它自己：
 
         ```
-        python -m sparse_attn.bench topk --lengths 1024 4096 16384 --heads 8 --head-dim 64 --top-k 64 --chunk-size 1024
+        python -m benchmarks topk --lengths 1024 4096 16384 --heads 8 --head-dim 64 --top-k 64 --chunk-size 1024
         ```
         """,
     ),
@@ -186,12 +187,12 @@ CELLS = [
         en=(
             "Repeat section 1 with the `sink_local` pattern. Does the smallest k that keeps 90% for every query go up or down, and why?",
             "Time chunk sizes 64 to 4096 at L = 4096. Where is the fastest chunk size on your machine, and how does it compare with L = 256?",
-            "Run the `python -m sparse_attn.bench topk` command above and find the sequence length at which the streamed top-k's peak memory drops below SDPA's on your machine, if it does.",
+            "Run the `python -m benchmarks topk` command above and find the sequence length at which the streamed top-k's peak memory drops below SDPA's on your machine, if it does.",
         ),
         zh=(
             "用 `sink_local` 模式重做第 1 节。能让每个查询都保留 90% 质量的最小 k 是变大还是变小？为什么？",
             "在 L = 4096 时为 64 到 4096 的分块大小计时。在你的机器上最快的分块大小是多少？与 L = 256 时相比如何？",
-            "运行上面的 `python -m sparse_attn.bench topk` 命令，找出在你的机器上流式 Top-k 的峰值内存从哪个序列长度开始低于 SDPA（如果会的话）。",
+            "运行上面的 `python -m benchmarks topk` 命令，找出在你的机器上流式 Top-k 的峰值内存从哪个序列长度开始低于 SDPA（如果会的话）。",
         ),
     ),
 ]
