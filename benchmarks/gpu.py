@@ -204,31 +204,33 @@ def correctness_compressed(rec: Recorder) -> None:
 # --------------------------------------------------------------------------- launch tuning
 
 
-def tune_selected(rec: Recorder, L: int = 65536) -> dict:
+def _fastest(rec: Recorder, section: str, L: int, configs: list[dict], launch) -> dict | None:
+    """Time ``launch(**cfg)`` for every launch config with Triton's do_bench; record each, return the fastest."""
     from triton.testing import do_bench
 
+    best = None
+    for cfg in configs:
+        try:
+            ms = do_bench(lambda: launch(**cfg), warmup=50, rep=300, return_mode="median")
+        except Exception as e:  # noqa: BLE001 - a config the chip cannot launch is a row, not the end
+            rec.record(section, {**cfg, "error": str(e).splitlines()[0][:200]})
+            continue
+        rec.record(section, {**cfg, "L": L, "median_ms": ms})
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    return None if best is None else best[1]
+
+
+def tune_selected(rec: Recorder, L: int = 65536) -> dict:
     q, k, v = inputs(L)
     bs = NSA["selection_block_size"]
     idx = random_block_indices(B, HKV, L, L, NSA["num_selected_blocks"], bs, True, device="cuda")
-    best = None
-    for warps in (2, 4, 8):
-        for stages in (1, 2, 3):
-            cfg = {"num_warps": warps, "num_stages": stages}
-            try:
-                ms = do_bench(lambda: selected_block_attention_triton(q, k, v, idx, bs, causal=True, **cfg),
-                              warmup=50, rep=300, return_mode="median")
-            except Exception as e:  # noqa: BLE001
-                rec.record("tune_selected", {**cfg, "error": str(e).splitlines()[0][:200]})
-                continue
-            rec.record("tune_selected", {**cfg, "L": L, "median_ms": ms})
-            if best is None or ms < best[0]:
-                best = (ms, cfg)
-    return best[1] if best else {}
+    configs = [{"num_warps": w, "num_stages": s} for w in (2, 4, 8) for s in (1, 2, 3)]
+    return _fastest(rec, "tune_selected", L, configs,
+                    lambda **cfg: selected_block_attention_triton(q, k, v, idx, bs, causal=True, **cfg)) or {}
 
 
 def tune_compressed(rec: Recorder, L: int = 65536) -> None:
-    from triton.testing import do_bench
-
     q, k, v = inputs(L)
     cbs, st = NSA["compress_block_size"], NSA["compress_block_sliding_stride"]
     kc, vc = compress_kv(k, cbs, st), compress_kv(v, cbs, st)
@@ -236,21 +238,11 @@ def tune_compressed(rec: Recorder, L: int = 65536) -> None:
                for r, n, w, s in ((128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2),
                                   (128, 32, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2), (256, 64, 8, 2),
                                   (128, 128, 8, 3))]
-    best = None
-    for cfg in configs:
-        try:
-            ms = do_bench(lambda: compressed_kernel.compressed_attention_triton(
-                q, kc, vc, cbs, st, causal=True, selection_block_size=NSA["selection_block_size"], num_keys=L, **cfg),
-                warmup=50, rep=300, return_mode="median")
-        except Exception as e:  # noqa: BLE001
-            rec.record("tune_compressed", {**cfg, "error": str(e).splitlines()[0][:200]})
-            continue
-        rec.record("tune_compressed", {**cfg, "L": L, "median_ms": ms})
-        if best is None or ms < best[0]:
-            best = (ms, cfg)
+    best = _fastest(rec, "tune_compressed", L, configs, lambda **cfg: compressed_kernel.compressed_attention_triton(
+        q, kc, vc, cbs, st, causal=True, selection_block_size=NSA["selection_block_size"], num_keys=L, **cfg))
     if best is not None:
-        compressed_kernel.DEFAULTS.update(best[1])  # the whole-NSA table runs with the winner
-        rec.results["best_compressed_config"] = best[1]
+        compressed_kernel.DEFAULTS.update(best)  # the whole-NSA table runs with the winner
+        rec.results["best_compressed_config"] = best
 
 
 # --------------------------------------------------------------------------- tables
