@@ -29,12 +29,13 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Started as a script (python benchmarks/...), the checkout is not on the import path.
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparse_attn.i18n import t  # noqa: E402
 from sparse_attn.ui.server import CHROMIUM, CHROMIUM_ARGS, serve  # noqa: E402
-from tests.browser.helpers import IDLE, MAPS, TRACE_SIGNATURE  # noqa: E402
+from benchmarks.browser import IDLE, MAPS, TRACE_SIGNATURE  # noqa: E402
 
 # What a panel shows when something broke: Streamlit's exception box and the app's own error box.
 ERROR_BOXES = "[data-testid='stException'], [data-testid='stAlertContentError']"
@@ -60,18 +61,18 @@ def p95(xs: list[float]) -> float:
 
 
 def student_settings(i: int) -> dict:
-    """Session i's own starting settings: no two sessions of a run share (L, pattern, seed)."""
+    """Session i's own starting settings, as its URL's query: no two sessions of a run share (L, pattern, seed)."""
     return {"L": LENGTHS[i % len(LENGTHS)], "pattern": PATTERNS[(i // len(LENGTHS)) % len(PATTERNS)],
             "seed": 1000 + i, "k": 8 + (7 * i) % 32, "H": 2}
 
 
 def expected_signature(settings: dict) -> tuple:
-    """RESULT_SIGNATURE of the sparse heatmap these settings give, computed in this process."""
+    """RESULT_SIGNATURE of the sparse heatmap a URL query (``student_settings``) gives, computed in this process."""
     import numpy as np
 
     from sparse_attn.ui import compute, state
 
-    s = {key: spec.default for key, spec in state.specs().items()} | settings
+    s = state.from_query(settings)  # the app reads a first visit's settings the same way
     data = compute.view({key: s[key] for key in compute.COMPUTE_KEYS}, 0, "max")
     z = np.asarray(data["maps"]["sparse"].values, dtype=np.float32)
     z = z.astype(np.float64)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from sparse_attn.i18n import t
-from sparse_attn.methods import choices
-from sparse_attn.ui import inputs
+from sparse_attn.i18n import LANGS, t
+from sparse_attn.methods import METHODS, choices
+from sparse_attn.sources import KINDS
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -78,7 +78,7 @@ def test_defaults_run_and_show_maps_and_metrics():
     assert at.query_params["lang"] == "en"
 
 
-@pytest.mark.parametrize("source", inputs.KINDS)
+@pytest.mark.parametrize("source", KINDS)
 def test_every_source_and_method_runs(source):
     at = run_app(source=source)
     for method in choices("method"):
@@ -95,7 +95,7 @@ def test_every_source_and_method_runs(source):
 def test_changing_k_changes_the_sparse_map_and_the_metrics():
     at = run_app()
     before_map, before_metrics = z(spec(at)["data"][1]), [m.value for m in at.metric]
-    at.sidebar.slider(key="k").set_value(4).run()
+    at.sidebar.slider(key="top_k").set_value(4).run()
     ok(at)
     after_map, after_metrics = z(spec(at)["data"][1]), [m.value for m in at.metric]
     assert not np.array_equal(before_map, after_map)
@@ -123,7 +123,7 @@ def test_url_restores_settings_and_language():
     at = run_app(lang="zh", L=128, k=8, method="hybrid", causal="true", head=2, log="true", view="maps")
     ok(at)
     ss = at.session_state
-    assert (ss["L"], ss["k"], ss["method"], ss["causal"], ss["head"], ss["log"]) == (128, 8, "hybrid", True, 2, True)
+    assert (ss["L"], ss["top_k"], ss["method"], ss["causal"], ss["head"], ss["log"]) == (128, 8, "hybrid", True, 2, True)
     assert at.title[0].value == t("app.title", "zh")
     assert z(spec(at)["data"][0]).shape == (128, 128)
     # And the URL the page writes back opens the same view.
@@ -135,17 +135,64 @@ def test_url_restores_settings_and_language():
 def test_bad_url_values_fall_back_to_defaults():
     at = run_app(L=12345, k="lots", method="magic", lang="xx", head=-1)
     ok(at)
-    assert (at.session_state["L"], at.session_state["k"], at.session_state["method"]) == (256, 32, "topk")
+    assert (at.session_state["L"], at.session_state["top_k"], at.session_state["method"]) == (256, 32, "topk")
     assert not at.error
+
+
+@pytest.mark.parametrize("name", ["sampled", "sampled:lsh", "full_topk", "dense", "nsa_selected"])
+def test_a_method_that_is_not_a_registry_method_falls_back_to_the_default(name):
+    at = run_app(method=name)
+    ok(at)
+    assert at.session_state["method"] == "topk" and not at.error
+    assert "method" not in at.query_params  # the page writes back the default, which the URL leaves out
+
+
+# The query-string keys of shared links; the URL must keep reading them whatever the settings are called.
+URL_KEYS = ("lang", "source", "pattern", "text", "layer", "L", "H", "D", "method", "k", "samples", "proposal", "block",
+            "nblocks", "window", "chunk", "causal", "device", "dtype", "seed", "head", "log", "pool", "view")
+
+
+def test_the_url_keeps_its_short_keys_and_maps_them_to_the_setting_names():
+    from sparse_attn.methods import Config
+    from sparse_attn.ui import compute, state
+
+    assert tuple(state.url_key(name) for name in state.specs()) == URL_KEYS
+    s = state.from_query({"k": 8, "samples": 99, "block": 32, "nblocks": 3, "window": 64, "chunk": 128,
+                          "proposal": "uniform", "causal": True, "seed": 5, "method": "nsa"})
+    assert compute.config(s) == Config(top_k=8, num_samples=99, proposal="uniform", chunk_size=128,
+                                       compress_block_size=32, selection_block_size=32, num_selected_blocks=3,
+                                       sliding_window_size=64, causal=True, seed=5)
+    assert s["method"] == "nsa" and state.from_query({"k": "lots"})["top_k"] == state.defaults()["top_k"] == 32
+    # The one block slider sets both NSA block sizes.
+    at = run_app(method="nsa", block=32)
+    ok(at)
+    at.sidebar.select_slider(key="selection_block_size").set_value(64).run()
+    ok(at)
+    assert at.query_params["block"] == "64" and not at.error
+
+
+def test_every_setting_the_budget_can_name_is_a_labelled_slider_in_both_languages():
+    from sparse_attn.ui import errors
+    from sparse_attn.ui.memory import BudgetError
+
+    names = {"seq_len", "heads", "head_dim"}
+    names |= {p for key in choices("method") + choices("timing") + choices("reference") for p in METHODS[key].params
+              if p != "proposal"}
+    for lang in LANGS:
+        for name in names:
+            exc = BudgetError("budget", "over", need_mb=3000, budget_mb=2048, setting=name)
+            label = errors.setting_label(name, lang)
+            assert errors.message(exc, lang) == t("err.budget", lang, need_mb=3000, budget_mb=2048, setting=label)
+    assert errors.setting_label("compress_block_size", "zh") == t("setting.selection_block_size", "zh")
 
 
 def test_k_zero_shows_a_translated_message_and_the_rest_works():
     at = run_app(lang="zh")
-    at.sidebar.slider(key="k").set_value(0).run()
+    at.sidebar.slider(key="top_k").set_value(0).run()
     ok(at)
     assert [e.value for e in at.error] == [t("err.k_too_small", "zh", value=0)]
     assert not at.get("plotly_chart")
-    at.sidebar.slider(key="k").set_value(16).run()
+    at.sidebar.slider(key="top_k").set_value(16).run()
     ok(at)
     assert not at.error and at.get("plotly_chart")
 
@@ -178,7 +225,7 @@ def test_other_tabs_run():
 def test_uploaded_file_and_pickle_through_the_app_code():
     from sparse_attn.ui import compute, errors, state
 
-    s = {key: spec.default for key, spec in state.specs().items()} | {"source": "file"}
+    s = state.defaults() | {"source": "file"}
     buf = io.BytesIO()
     rng = np.random.default_rng(0)
     np.savez(buf, q=rng.standard_normal((1, 2, 20, 8), dtype=np.float32),
@@ -215,13 +262,13 @@ def test_a_failing_computation_breaks_only_its_panel(monkeypatch):
     ok(at)
     [err] = at.error
     assert err.value.startswith(t("err.unexpected", "zh", detail="X").split("（")[0]) and "injected fault" in err.value
-    assert len(at.tabs) == 4 and at.sidebar.slider(key="k").value == 32
+    assert len(at.tabs) == 4 and at.sidebar.slider(key="top_k").value == 32
 
 
 def test_timing_sweep_stops_at_its_time_budget_and_locks_are_shared():
     from sparse_attn.ui import speed, state
 
-    s = {key: spec.default for key, spec in state.specs().items()} | {"H": 1, "D": 16}
+    s = state.defaults() | {"H": 1, "D": 16}
     df, cancelled = speed.run_sweep(s, [64], 0.0, "en")
     assert cancelled and df.empty
     df, cancelled = speed.run_sweep(s, [64, 128], 60.0, "en", min_run_time=0.01)

@@ -66,6 +66,15 @@ def test_glossary_has_the_project_terms():
         assert g[en_term] == zh_term
 
 
+def test_every_registry_entry_has_a_name_in_both_catalogs():
+    from sparse_attn.methods import METHODS, ROLES
+
+    assert {m.role for m in METHODS.values()} <= set(ROLES)
+    for lang in LANGS:
+        missing = [key for key in METHODS if f"method.{key}" not in catalog(lang)]
+        assert not missing, (lang, missing)
+
+
 def test_t_fills_params_and_fails_loudly():
     assert t("err.k_too_small", "en", value=0).startswith("k must be at least 1 (got 0)")
     assert "0" in t("err.k_too_small", "zh", value=0)

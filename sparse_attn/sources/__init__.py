@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "ERROR_CODES",
     "FILE_SUFFIXES",
+    "KINDS",
     "NOTE_CODES",
     "PATTERNS",
     "QKV",
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 Kind = Literal["synthetic", "model", "file"]
-_KINDS = ("synthetic", "model", "file")
+KINDS: tuple[str, ...] = get_args(Kind)  # the kinds of Source, in the order the app lists them
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -83,9 +84,9 @@ class Source:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise SourceError("bad_argument", f"kind must be one of {', '.join(_KINDS)}, got {self.kind!r}",
-                              name="kind", value=self.kind, allowed=", ".join(_KINDS))
+        if self.kind not in KINDS:
+            raise SourceError("bad_argument", f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}",
+                              name="kind", value=self.kind, allowed=", ".join(KINDS))
         if isinstance(self.params, dict):
             object.__setattr__(self, "params", tuple(sorted(self.params.items())))
 

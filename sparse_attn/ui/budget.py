@@ -10,20 +10,7 @@ from . import compute, errors, export
 
 BUDGET_MAX = 512
 SEEDS = (0, 1, 2)
-
-
-def sweep_methods(proposal: str) -> list[str]:
-    from sparse_attn.sweep import parse_method
-
-    wanted = ["topk", f"sampled:{proposal}", f"hybrid:{proposal}"]
-    out = []
-    for m in wanted:
-        try:
-            parse_method(m)
-            out.append(m)
-        except ValueError:
-            pass
-    return out
+SWEPT = ("topk", "sampling", "hybrid")  # registry keys; the sampling methods use the sidebar's proposal
 
 
 @st.cache_data(max_entries=8, ttl=1800, show_spinner=False)
@@ -34,23 +21,24 @@ def curve(s: dict, upload=None):
     L = k.shape[2]
     errors.inject_fault("budget")
     budgets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b <= min(L, BUDGET_MAX)]
-    return budget_sweep(q, k, v, sweep_methods(s["proposal"]), budgets, seeds=SEEDS, causal=s["causal"])
+    return budget_sweep(q, k, v, list(SWEPT), budgets, proposals=[s["proposal"]], seeds=SEEDS, causal=s["causal"])
 
 
-def method_name(key: str, lang: str) -> str:
-    kind, _, proposal = key.partition(":")
-    name = t({"topk": "method.topk", "sampled": "method.sampling", "hybrid": "method.hybrid"}[kind], lang)
+def method_name(method: str, proposal: str, lang: str) -> str:
+    """A row's label: the method's catalog name, and its proposal when it has one."""
+    name = t(f"method.{method}", lang)
     return f"{name} ({t(f'proposal.{proposal}', lang)})" if proposal else name
 
 
 def render(s: dict, lang: str) -> None:
     st.caption(t("budget.intro", lang))
     try:
-        df = curve({**{k: s[k] for k in compute.COMPUTE_KEYS}, "method": "topk", "k": 1}, s["upload"])
+        # The curve does not depend on the chosen method or k: fix them, so moving k reuses the cached curve.
+        df = curve({**{k: s[k] for k in compute.COMPUTE_KEYS}, "method": "topk", "top_k": 1}, s["upload"])
     except Exception as exc:
         errors.show(exc, lang)
         return
-    names = {m: method_name(m, lang) for m in df["method"].unique()}
+    names = {m: method_name(m, p, lang) for m, p in zip(df["method"], df["proposal"])}  # one proposal per method
     fig = viz.budget_curve(df, x="budget", y="error_mean", names=names, lang=lang)
     st.plotly_chart(fig, key="budget_chart", config={"displaylogo": False})
     table = df[["method", "budget", "error_mean", "error_std", "mass_kept_mean", "keys_attended"]].rename(columns={

@@ -6,24 +6,29 @@ while one call runs.
 """
 from __future__ import annotations
 
+import statistics
+from dataclasses import fields
+
 import streamlit as st
 import torch
 
 from sparse_attn import metrics
-from sparse_attn.methods import METHODS, Config, allowed_pairs, check_budget, shape_of
+from sparse_attn.methods import METHODS, Config, allowed_pairs, shape_of
 from sparse_attn.viz import MAX_CELLS, pool_map
 
 from . import errors, inputs
+from .memory import check_budget
 
+# The Config fields the settings dict holds (under the same names); the softmax scale and the
+# compression stride keep Config's defaults (the head dimension's scale, non-overlapping blocks).
+CONFIG_KEYS = tuple(f.name for f in fields(Config) if f.name not in ("scale", "compress_block_sliding_stride"))
 # Keys of the settings dict that change what is computed (view-only settings like log stay out).
-COMPUTE_KEYS = ("source", "pattern", "text", "layer", "L", "H", "D", "method", "k", "samples", "proposal", "block",
-                "nblocks", "window", "chunk", "causal", "device", "dtype", "seed")
+COMPUTE_KEYS = ("source", "pattern", "text", "layer", "L", "H", "D", "method", "device", "dtype", *CONFIG_KEYS)
 
 
 def config(s: dict) -> Config:
-    return Config(top_k=s["k"], num_samples=s["samples"], chunk_size=s["chunk"], block_size=s["block"],
-                  num_blocks=s["nblocks"], window=s["window"], proposal=s["proposal"], causal=s["causal"],
-                  seed=s["seed"])
+    """The methods' Config from the settings dict (its keys are Config's field names)."""
+    return Config(**{name: s[name] for name in CONFIG_KEYS})
 
 
 def qkv(s: dict, upload: tuple[str, bytes] | None = None, *, with_view: bool = True):
@@ -62,12 +67,13 @@ def view(s: dict, head: int, pool: str, upload: tuple[str, bytes] | None = None)
     H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
     head = min(head, H - 1)
     dw, sw = dense.weights.float(), sparse.weights.float()
-    # Per-row metrics once; the per-head table and the headline numbers are means of them.
-    kept = metrics.mass_kept(dw, sparse.mask)
-    err = metrics.relative_error(sparse.output.double(), dense.output.double())
-    tv = metrics.total_variation(dw, sw)
-    per_head = {"mass_kept": kept.mean((0, 2)).tolist(), "relative_error": err.mean((0, 2)).tolist(),
-                "total_variation": tv.mean((0, 2)).tolist()}
+    # Per-head means (over batch and queries) from the metrics module; every head has the same number of
+    # query rows, so the headline numbers, means over all rows, are the means of these.
+    per_head = {
+        "mass_kept": metrics.mass_kept(dw, sparse.mask, reduce="head").tolist(),
+        "relative_error": metrics.relative_error(sparse.output.double(), dense.output.double(), reduce="head").tolist(),
+        "total_variation": metrics.total_variation(dw, sw, reduce="head").tolist(),
+    }
     # Methods never select a masked key (tests/test_methods.py), so the mask counts used pairs.
     used = sparse.mask.sum(dtype=torch.float64).item()
     allowed = allowed_pairs(Lq, Lk, s["causal"]) * q.shape[0] * H
@@ -77,8 +83,8 @@ def view(s: dict, head: int, pool: str, upload: tuple[str, bytes] | None = None)
         "tokens": tokens,
         "notes": [(n.code, dict(n.params)) for n in notes],
         "metrics": {
-            "mass_kept": float(kept.mean()),
-            "relative_error": float(err.mean()),
+            "mass_kept": statistics.fmean(per_head["mass_kept"]),
+            "relative_error": statistics.fmean(per_head["relative_error"]),
             "sparsity": 1 - used / max(allowed, 1),
             "keys_scored": sparse.cost.keys_scored,
             "keys_attended": sparse.cost.keys_attended,

@@ -8,6 +8,8 @@ import streamlit as st
 
 from sparse_attn.i18n import t
 
+from .state import widget_of
+
 log = logging.getLogger("sparse_attn.app")
 
 FAULT_ENV = "SPARSE_ATTN_FAULT"  # comma-separated panel names; set only by the fault-injection tests
@@ -23,14 +25,19 @@ def inject_fault(panel: str) -> None:
         raise RuntimeError(f"injected fault in the {panel} panel")
 
 
+def setting_label(name: str, lang: str) -> str:
+    """The label of the widget that sets ``name`` (a Config field, or seq_len / heads / head_dim)."""
+    return t(f"setting.{widget_of(name)}", lang)
+
+
 def message(exc: BaseException, lang: str) -> str:
     code = getattr(exc, "code", None)
     params = dict(getattr(exc, "params", {}) or {})
-    if code == "budget":
-        params["setting"] = t(f"setting.{params.get('setting', 'seq_len')}", lang)
     if code is not None:
         prefix = "err.source." if type(exc).__name__ == "SourceError" else "err."
         try:
+            if "setting" in params:  # name the widget (the slider to lower), in the reader's language
+                params["setting"] = setting_label(params["setting"], lang)
             return t(prefix + code, lang, **params)
         except (KeyError, IndexError, ValueError):
             pass  # a code or param this catalog does not know yet: fall through to the generic text

@@ -11,7 +11,6 @@ import streamlit as st
 from sparse_attn.methods import SettingError
 from sparse_attn.sources import DEFAULT_MAX_BYTES, FILE_SUFFIXES, PATTERNS, Source, load, load_model
 
-KINDS = ("synthetic", "model", "file")
 MAX_TEXT_CHARS = 2000   # the model reads at most 512 tokens; longer text gets a message, not a silent no-op
 MAX_UPLOAD_BYTES = min(DEFAULT_MAX_BYTES, 64 * 2**20)  # also .streamlit/config.toml's maxUploadSize
 SUFFIXES = tuple(s.lstrip(".") for s in FILE_SUFFIXES)

@@ -1,15 +1,13 @@
 """Tab 1: dense and sparse attention maps side by side, with the numbers next to them."""
 from __future__ import annotations
 
-import io
-
 import pandas as pd
 import streamlit as st
 
 from sparse_attn import viz
 from sparse_attn.i18n import t
 
-from . import compute, errors, export, state
+from . import compute, errors, export
 
 
 def _si(x: float, unit: str = "") -> str:

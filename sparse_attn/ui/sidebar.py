@@ -5,6 +5,8 @@ import streamlit as st
 
 from sparse_attn.i18n import LANG_NAMES, LANGS, t
 from sparse_attn.methods import METHODS, choices
+from sparse_attn.ops.sampling import PROPOSALS
+from sparse_attn.sources import KINDS
 
 from . import inputs, state
 
@@ -16,7 +18,7 @@ def render() -> dict:
     lang = state.lang()  # the radio above may have just changed it
 
     sb.header(t("sidebar.input", lang))
-    sources = list(inputs.KINDS)
+    sources = list(KINDS)
     if ss["source"] not in sources:
         ss["source"] = sources[0]
     sb.radio(t("setting.source", lang), sources, key="source", format_func=lambda s: t(f"source.{s}", lang))
@@ -43,19 +45,23 @@ def render() -> dict:
 
     sb.header(t("sidebar.method", lang))
     sb.selectbox(t("setting.method", lang), choices("method"), key="method", format_func=lambda m: t(f"method.{m}", lang))
-    params = METHODS[ss["method"]].params
+    # A widget for each Config field the method reads (Method.params); each widget's key is that field.
+    params = {state.widget_of(p) for p in METHODS[ss["method"]].params}
     if "top_k" in params:
-        sb.slider(t("setting.top_k", lang), 0, state.K_MAX, key="k", help=t("help.top_k", lang))
+        sb.slider(t("setting.top_k", lang), 0, state.K_MAX, key="top_k", help=t("help.top_k", lang))
     if "num_samples" in params:
-        sb.slider(t("setting.num_samples", lang), 1, state.SAMPLES_MAX, key="samples")
+        sb.slider(t("setting.num_samples", lang), 1, state.SAMPLES_MAX, key="num_samples")
     if "proposal" in params:
-        sb.selectbox(t("setting.proposal", lang), state.PROPOSALS, key="proposal",
+        sb.selectbox(t("setting.proposal", lang), PROPOSALS, key="proposal",
                      format_func=lambda p: t(f"proposal.{p}", lang))
-    if "block_size" in params:
-        sb.select_slider(t("setting.block_size", lang), state.BLOCKS, key="block")
-        sb.slider(t("setting.num_blocks", lang), 1, 64, key="nblocks")
-        sb.slider(t("setting.window", lang), 1, 1024, key="window")
-    sb.select_slider(t("setting.chunk_size", lang), state.CHUNKS, key="chunk", help=t("help.chunk_size", lang))
+    if "selection_block_size" in params:  # also sets compress_block_size (state.TIED)
+        sb.select_slider(t("setting.selection_block_size", lang), state.BLOCKS, key="selection_block_size")
+    if "num_selected_blocks" in params:
+        sb.slider(t("setting.num_selected_blocks", lang), 1, 64, key="num_selected_blocks")
+    if "sliding_window_size" in params:
+        sb.slider(t("setting.sliding_window_size", lang), 1, 1024, key="sliding_window_size")
+    # Always shown: the speed tab times streaming top-k at this chunk size whatever the method.
+    sb.select_slider(t("setting.chunk_size", lang), state.CHUNKS, key="chunk_size", help=t("help.chunk_size", lang))
     sb.toggle(t("setting.causal", lang), key="causal")
 
     sb.header(t("sidebar.run", lang))
@@ -66,7 +72,7 @@ def render() -> dict:
     sb.selectbox(t("setting.dtype", lang), dtypes, key="dtype")
     sb.number_input(t("setting.seed", lang), 0, state.SEED_MAX, step=1, key="seed")
 
-    s = {key: ss[key] for key in state.specs()}
+    s = state.settings(ss)
     s["text"] = ss.get("text", "")
     s["upload"] = upload
     return s

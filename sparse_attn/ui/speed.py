@@ -14,11 +14,12 @@ import streamlit as st
 import torch
 
 from sparse_attn import viz
-from sparse_attn.bench import time_fn
 from sparse_attn.i18n import t
-from sparse_attn.methods import METHODS, BudgetError, check_budget, shape_of
+from sparse_attn.methods import METHODS, shape_of
+from sparse_attn.timing import cuda_peak_bytes, time_fn
 
 from . import compute, errors, export, state
+from .memory import BudgetError, check_budget
 
 LENGTHS = tuple(L for L in state.SEQ_LENS if L >= 64)
 DEFAULT_LENGTHS = (128, 256, 512)
@@ -43,13 +44,7 @@ def _peak_bytes(fn, device: str) -> float:
     """Peak memory one call allocates beyond what was already held; measured on CUDA only (NaN elsewhere)."""
     if not device.startswith("cuda"):
         return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad():
-        fn()
-    torch.cuda.synchronize()
-    return float(torch.cuda.max_memory_allocated() - base)
+    return float(cuda_peak_bytes(fn))
 
 
 def run_sweep(s: dict, lengths, budget_s: float, lang: str, progress=None, min_run_time: float = 0.1):
@@ -85,11 +80,13 @@ def run_sweep(s: dict, lengths, budget_s: float, lang: str, progress=None, min_r
                 cancelled = True
                 break
             with torch.no_grad():
-                timing = time_fn(lambda: m.forward(q, k, v, cfg), device=s["device"], min_run_time=min_run_time, min_runs=3)
+                call = m.timed(q, k, v, cfg)
+                timing = time_fn(call, min_run_time=min_run_time, min_runs=3)
+                peak = _peak_bytes(call, s["device"])
             rate[key] = max(rate.get(key, 0.0), timing.median / max(flops, 1.0))
             rows.append(dict(method=key, seq_len=L, median_ms=timing.median * 1e3, iqr_ms=timing.iqr * 1e3,
                              runs=timing.runs, memory_est=m.cost(shape_of(q, k, v), cfg, q.element_size()).memory_bytes,
-                             memory_peak=_peak_bytes(lambda: m.forward(q, k, v, cfg), s["device"])))
+                             memory_peak=peak))
             if progress is not None:
                 progress.progress(done / steps, text=t("speed.progress", lang, method=t(f"method.{key}", lang), L=L))
         if cancelled:
@@ -116,7 +113,7 @@ def render(s: dict, lang: str) -> None:
             bar = st.progress(0.0, text=t("speed.starting", lang))
             df, cancelled = run_sweep(s, lengths, float(budget_s), lang, bar)
             bar.empty()
-            ss["sp_result"] = dict(df=df, cancelled=cancelled, settings=(s["device"], s["dtype"], s["H"], s["D"], s["chunk"]))
+            ss["sp_result"] = dict(df=df, cancelled=cancelled, settings=(s["device"], s["dtype"], s["H"], s["D"], s["chunk_size"]))
         except Exception as exc:
             errors.show(exc, lang)
             return

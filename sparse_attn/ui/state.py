@@ -1,20 +1,27 @@
 """Settings: defaults, bounds, and the round trip through the URL query string.
 
-Each setting lives in ``st.session_state`` under its own key (which is also its
-widget key and its query-string name), so widgets keep their values when the
-language changes. On a session's first run the query string seeds them: a
-shared URL restores its view. Values from the URL are checked against the
-same bounds as the widgets; a bad value falls back to the default.
+Each setting lives in ``st.session_state`` under its own name (which is also
+its widget key), so widgets keep their values when the language changes. The
+method settings are named as ``sparse_attn.methods.Config``'s fields, so the
+settings dict builds a ``Config`` without renaming; the others (source, L, H,
+D, device, ...) belong to the app.
+
+The URL keeps its short keys (``k``, ``chunk``, ...): links people shared
+still open their view. ``URL_KEYS`` maps setting names to them, here and
+nowhere else. On a session's first run the query string seeds the settings;
+values from the URL are checked against the same bounds as the widgets, and a
+bad value falls back to the default.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import streamlit as st
 
 from sparse_attn.i18n import LANGS, t
 from sparse_attn.methods import choices
+from sparse_attn.ops.sampling import PROPOSALS
 
 from .inputs import DEFAULT_TEXT, MAX_TEXT_CHARS
 
@@ -22,7 +29,6 @@ SEQ_LENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 HEAD_DIMS = (16, 32, 64, 128)
 CHUNKS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 BLOCKS = (4, 8, 16, 32, 64, 128)
-PROPOSALS = ("lsh", "uniform", "oracle")
 K_MAX, SAMPLES_MAX, SEED_MAX, HEADS_MAX = 512, 1024, 2**31 - 1, 16
 
 
@@ -81,6 +87,7 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 def specs() -> dict[str, Spec]:
+    """Every setting the URL carries, by setting name (in the order the URL lists them)."""
     return {
         "lang": Spec("en", _one_of(LANGS)),
         "source": Spec("synthetic", str),  # checked against the registered sources in the sidebar
@@ -90,14 +97,14 @@ def specs() -> dict[str, Spec]:
         "L": Spec(256, _one_of(SEQ_LENS, int)),
         "H": Spec(4, _int_in(1, HEADS_MAX)),
         "D": Spec(64, _one_of(HEAD_DIMS, int)),
-        "method": Spec("topk", _one_of(choices("method"))),
-        "k": Spec(32, _int_in(0, K_MAX)),
-        "samples": Spec(64, _int_in(1, SAMPLES_MAX)),
+        "method": Spec("topk", _one_of(choices("method"))),  # registry keys only
+        "top_k": Spec(32, _int_in(0, K_MAX)),
+        "num_samples": Spec(64, _int_in(1, SAMPLES_MAX)),
         "proposal": Spec("lsh", _one_of(PROPOSALS)),
-        "block": Spec(16, _one_of(BLOCKS, int)),
-        "nblocks": Spec(4, _int_in(1, 64)),
-        "window": Spec(32, _int_in(1, 1024)),
-        "chunk": Spec(64, _one_of(CHUNKS, int)),
+        "selection_block_size": Spec(16, _one_of(BLOCKS, int)),
+        "num_selected_blocks": Spec(4, _int_in(1, 64)),
+        "sliding_window_size": Spec(32, _int_in(1, 1024)),
+        "chunk_size": Spec(64, _one_of(CHUNKS, int)),
         "causal": Spec(False, _bool),
         "device": Spec("cpu", _one_of(devices())),
         "dtype": Spec("float32", _one_of(DTYPES)),
@@ -109,6 +116,62 @@ def specs() -> dict[str, Spec]:
     }
 
 
+# Setting name -> its key in the URL, where the two differ (every other setting is its own URL key).
+# Shared links use these keys: change them and old links lose their settings.
+URL_KEYS = {
+    "top_k": "k",
+    "num_samples": "samples",
+    "selection_block_size": "block",
+    "num_selected_blocks": "nblocks",
+    "sliding_window_size": "window",
+    "chunk_size": "chunk",
+}
+
+# Settings with no widget of their own, set from another: the one block slider sets both NSA block sizes.
+TIED = {"compress_block_size": "selection_block_size"}
+
+
+def url_key(name: str) -> str:
+    """The query-string key of setting ``name``."""
+    return URL_KEYS.get(name, name)
+
+
+def widget_of(name: str) -> str:
+    """The setting whose widget sets ``name`` (itself, unless it is tied to another)."""
+    return TIED.get(name, name)
+
+
+def settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings dict: every setting of ``specs()`` from ``values``, plus the tied ones."""
+    s = {name: values[name] for name in specs()}
+    s.update({name: s[source] for name, source in TIED.items()})
+    return s
+
+
+def defaults() -> dict[str, Any]:
+    """The settings dict of a fresh session with no query string."""
+    return settings({name: spec.default for name, spec in specs().items()})
+
+
+def from_query(query: Mapping[str, object]) -> dict[str, Any]:
+    """The settings dict a URL's query (short keys, as text or plain values) gives, as a first run reads it.
+
+    A value outside its bounds keeps the default, as in the app.
+    """
+    values = {}
+    for name, spec in specs().items():
+        value = spec.default
+        key = url_key(name)
+        if key in query:
+            raw = query[key]
+            try:
+                value = spec.parse(str(raw).lower() if isinstance(raw, bool) else str(raw))
+            except (ValueError, TypeError):
+                pass  # a hand-edited or stale URL: keep the default
+        values[name] = value
+    return settings(values)
+
+
 # Free text goes into the URL only while it is short enough to share.
 URL_TEXT_CHARS = 200
 
@@ -118,31 +181,25 @@ def init_state() -> None:
     ss = st.session_state
     if ss.get("_seeded"):
         # Re-assigning keeps the values of widgets hidden on this run (Streamlit drops those otherwise).
-        for key, spec in specs().items():
-            ss[key] = ss[key] if key in ss else spec.default
+        for name, spec in specs().items():
+            ss[name] = ss[name] if name in ss else spec.default
         return
-    params = st.query_params
-    for key, spec in specs().items():
-        value = spec.default
-        if key in params:
-            try:
-                value = spec.parse(params[key])
-            except (ValueError, TypeError):
-                pass  # a hand-edited or stale URL: keep the default
-        ss[key] = value
+    seeded = from_query(st.query_params.to_dict())
+    for name in specs():
+        ss[name] = seeded[name]
     ss["_seeded"] = True
 
 
-def write_query_params(keys) -> None:
-    """Mirror the current settings into the URL (only those that differ, to keep it short)."""
+def write_query_params(names) -> None:
+    """Mirror the current settings into the URL under their short keys (only those that differ, to keep it short)."""
     want = {}
-    for key in keys:
-        spec = specs().get(key)
-        value = st.session_state.get(key)
-        if key == "text" and len(str(value)) > URL_TEXT_CHARS:
+    for name in names:
+        spec = specs().get(name)
+        value = st.session_state.get(name)
+        if name == "text" and len(str(value)) > URL_TEXT_CHARS:
             continue
-        if spec is not None and value is not None and (value != spec.default or key == "lang"):
-            want[key] = str(value).lower() if isinstance(value, bool) else str(value)
+        if spec is not None and value is not None and (value != spec.default or name == "lang"):
+            want[url_key(name)] = str(value).lower() if isinstance(value, bool) else str(value)
     if dict(st.query_params) != want:
         st.query_params.from_dict(want)
 

@@ -36,6 +36,9 @@ def test_moving_k_updates_the_sparse_heatmap(page, app_url):
     slider = k_slider(page)
     assert slider.input_value() == "32"
     set_slider(page, slider, 24)
+    # The slider can show 24 before the rerun it sends has started (presses are coalesced): wait for
+    # the run that writes k=24 into the URL, then for it to finish, so the map read is k = 24's.
+    page.wait_for_url(re.compile(r"[?&]k=24\b"), timeout=60_000)
     wait_for_new_signature(page, before)
     wait_idle(page)
     after = signature(page)
