@@ -10,5 +10,7 @@
 - ``report``: CSV, JSON and a self-contained HTML page with plotly figures;
 - ``cli``: the command line (``python -m benchmarks``);
 - ``browser``: what the browser drivers read from the served app's page;
-- ``app_latency`` and ``classroom_load``: the app's latency and the classroom load test, in real browsers.
+- ``gpu``: the kernels' GPU checks, launch tuning and tables (``python -m benchmarks.gpu OUT [SECTION ...]``);
+- ``app_latency`` and ``classroom_load``: the app's latency and the classroom load test, in real browsers
+  (``python -m benchmarks.app_latency``, ``python -m benchmarks.classroom_load``).
 """

@@ -1,7 +1,7 @@
 """Slider change to updated heatmap, in a real browser: median and p95 over repeated k changes.
 
-    python benchmarks/app_latency.py                 # L = 256 (defaults) and L = 4096
-    python benchmarks/app_latency.py --lengths 256 1024 --repeats 20
+    python -m benchmarks.app_latency                 # L = 256 (defaults) and L = 4096
+    python -m benchmarks.app_latency --lengths 256 1024 --repeats 20
 
 Starts the app on a free loopback port, opens it in the system Chromium,
 focuses the k slider and presses an arrow key; the time runs until the sparse
@@ -16,17 +16,12 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
-# Started as a script (python benchmarks/...), the checkout is not on the import path.
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from playwright.sync_api import sync_playwright
 
-from playwright.sync_api import sync_playwright  # noqa: E402
-
-from sparse_attn.i18n import t  # noqa: E402
-from sparse_attn.ui.server import CHROMIUM, CHROMIUM_ARGS, serve  # noqa: E402
-from benchmarks.browser import signature, wait_for_new_signature, wait_for_plot, wait_idle  # noqa: E402
+from benchmarks.browser import signature, wait_for_new_signature, wait_for_plot, wait_idle
+from sparse_attn.i18n import t
+from sparse_attn.ui.server import CHROMIUM, CHROMIUM_ARGS, serve
 
 
 def p95(xs: list[float]) -> float:

@@ -1,7 +1,7 @@
 """A classroom at once: N students in real browser sessions against one served app.
 
-    python benchmarks/classroom_load.py --sessions 20 --seconds 60
-    python benchmarks/classroom_load.py --sessions 6 --seconds 20 --url http://127.0.0.1:8501
+    python -m benchmarks.classroom_load --sessions 20 --seconds 60
+    python -m benchmarks.classroom_load --sessions 6 --seconds 20 --url http://127.0.0.1:8501
 
 Starts the app on a free loopback port (or uses ``--url``, loopback only),
 opens N Playwright contexts in one system Chromium, each on its own settings
@@ -29,19 +29,17 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Started as a script (python benchmarks/...), the checkout is not on the import path.
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from sparse_attn.i18n import t  # noqa: E402
-from sparse_attn.ui.server import CHROMIUM, CHROMIUM_ARGS, serve  # noqa: E402
-from benchmarks.browser import IDLE, MAPS, TRACE_SIGNATURE  # noqa: E402
+from benchmarks.browser import IDLE, MAPS, TRACE_SIGNATURE
+from sparse_attn.i18n import t
+from sparse_attn.ui.server import CHROMIUM, CHROMIUM_ARGS, serve
+from sparse_attn.ui.state import url_key
 
 # What a panel shows when something broke: Streamlit's exception box and the app's own error box.
 ERROR_BOXES = "[data-testid='stException'], [data-testid='stAlertContentError']"
 LENGTHS = (64, 128, 256)
 PATTERNS = ("random", "local", "sink_local", "retrieval", "periodic")
 K_RANGE = (4, 48)  # k stays below every length, so each step changes the selection
+K_KEY = url_key("top_k")  # sessions start from URLs, as a shared link would
 
 # A finer fingerprint than the helpers' one for the final check: each row of a sparse map sums to 1 whatever the
 # seed, so add the sum of squares and a key-position-weighted sum, which tell different weights and keys apart.
@@ -63,7 +61,7 @@ def p95(xs: list[float]) -> float:
 def student_settings(i: int) -> dict:
     """Session i's own starting settings, as its URL's query: no two sessions of a run share (L, pattern, seed)."""
     return {"L": LENGTHS[i % len(LENGTHS)], "pattern": PATTERNS[(i // len(LENGTHS)) % len(PATTERNS)],
-            "seed": 1000 + i, "k": 8 + (7 * i) % 32, "H": 2}
+            "seed": 1000 + i, K_KEY: 8 + (7 * i) % 32, "H": 2}
 
 
 def expected_signature(settings: dict) -> tuple:
@@ -168,13 +166,13 @@ async def _student(browser, url: str, st: Student, seconds: float, timeout_ms: f
         slider = page.get_by_role("slider", name=t("setting.top_k", "en"))
         step = 1 if st.index % 2 == 0 else -1
         while time.monotonic() < deadline:
-            k = st.settings["k"]
+            k = st.settings[K_KEY]
             if not K_RANGE[0] <= k + step <= K_RANGE[1]:
                 step = -step
             await slider.focus()
             start = time.perf_counter()
             await page.keyboard.press("ArrowRight" if step > 0 else "ArrowLeft")
-            st.settings["k"] = k + step
+            st.settings[K_KEY] = k + step
             await _wait_changed(page, sig, timeout_ms)
             st.latencies.append(time.perf_counter() - start)
             await page.wait_for_selector(IDLE, timeout=timeout_ms)
@@ -186,7 +184,7 @@ async def _student(browser, url: str, st: Student, seconds: float, timeout_ms: f
         # shows; its L, pattern and seed are its own, and a picture from any
         # other session would not match them.
         st.slider_value = await slider.input_value()
-        st.settings["k"] = int(st.slider_value)
+        st.settings[K_KEY] = int(st.slider_value)
         st.last_signature = await page.evaluate(RESULT_SIGNATURE, [MAPS, 1])
         st.error_boxes = max(st.error_boxes, await page.locator(ERROR_BOXES).count())
     except Exception as exc:  # one student's failure is a finding, not the end of the run

@@ -15,12 +15,9 @@ import torch
 
 from sparse_attn.methods import METHODS, Shape
 
-from .cases import Case
+from .cases import DTYPES, Case
 
 __all__ = ["rss_bytes", "reset_peak_rss", "peak_rss_bytes", "available_bytes", "estimate_bytes"]
-
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-
 
 def rss_bytes() -> int:
     """The resident set of this process now."""
@@ -77,7 +74,7 @@ def estimate_bytes(case: Case) -> int:
     """
     B, H, L, D = case.batch, case.heads, case.length, case.head_dim
     cfg = case.config
-    e = _ITEMSIZE[case.dtype]
+    e = DTYPES[case.dtype].itemsize
     hkv = case.kv_heads or H
     inputs = B * (2 * H + 2 * hkv) * L * D * e
     rows = B * H * L

@@ -12,7 +12,10 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["CodedError", "check_int", "check_choice", "check_dim", "check_generator", "check_qkv", "resolve_scale"]
+# The floating dtypes q, k and v may have anywhere in the library (kernels take fewer: kernels/dispatch.py).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+__all__ = ["FLOAT_DTYPES", "CodedError", "check_int", "check_number", "check_choice", "check_dim", "check_generator", "check_block_indices", "check_qkv", "resolve_scale"]
 
 
 class CodedError(ValueError):
@@ -24,15 +27,27 @@ class CodedError(ValueError):
         self.params = params
 
 
-def check_int(value: object, name: str, *, minimum: int | None = None, allow_none: bool = False) -> int | None:
-    """``value`` itself when it is an int (not a bool) >= ``minimum``; else TypeError / ValueError naming ``name``."""
+def check_int(value: object, name: str, *, minimum: int | None = None, maximum: int | None = None,
+              allow_none: bool = False) -> int | None:
+    """``value`` itself when it is an int (not a bool) in [minimum, maximum]; else TypeError / ValueError naming ``name``."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+def check_number(value: object, name: str, *, positive: bool = False) -> float:
+    """``value`` as a float when it is a finite real number (not a bool), > 0 when ``positive``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value}")
+    return float(value)
 
 
 def check_choice(value: object, name: str, allowed: Sequence[object]) -> Any:
@@ -95,6 +110,39 @@ def check_qkv(q: object, k: object, v: object) -> tuple[int, int, int, int, int,
     if D != Dk:
         raise ValueError(f"q and k must have the same head dim, got {D} and {Dk}")
     return B, H, Hkv, Lq, Lk, D, Dv
+
+
+def check_block_indices(block_indices: object, B: int, H: int, Hkv: int, Lq: int, num_blocks: int | None = None,
+                        *, device: torch.device | None = None) -> None:
+    """NSA block indices: int64, (B, Hkv, Lq, S) or (B, H, Lq, S), on ``device``.
+
+    With ``num_blocks`` also their values: each in [-1, num_blocks), no block
+    twice in a row (that costs a pass over them, which a kernel's hot path skips).
+    """
+    if not isinstance(block_indices, torch.Tensor):
+        raise TypeError(f"block_indices must be a torch.Tensor, got {type(block_indices).__name__}")
+    if block_indices.dtype != torch.int64:
+        raise TypeError(f"block_indices must be int64, got {block_indices.dtype}")
+    shape = tuple(block_indices.shape)
+    if len(shape) != 4 or shape[0] != B or shape[1] not in (Hkv, H) or shape[2] != Lq:
+        raise ValueError(
+            f"block_indices must have shape (B, Hkv, Lq, S) = ({B}, {Hkv}, {Lq}, S) or "
+            f"(B, H, Lq, S) = ({B}, {H}, {Lq}, S), got {shape}"
+        )
+    if device is not None and block_indices.device != device:
+        raise ValueError(f"block_indices must be on q's device {device}, got {block_indices.device}")
+    if num_blocks is None or block_indices.numel() == 0:
+        return
+    lo, hi = int(block_indices.min()), int(block_indices.max())
+    if lo < -1 or hi >= num_blocks:
+        raise ValueError(
+            f"block_indices must lie in [-1, {num_blocks}) (-1 = empty slot, {num_blocks} blocks of keys), "
+            f"got values from {lo} to {hi}"
+        )
+    # A block listed twice would count its tokens twice in the softmax.
+    srt = block_indices.sort(dim=-1).values
+    if ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any():
+        raise ValueError("block_indices must not repeat a block number within a row (only -1 may repeat)")
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:

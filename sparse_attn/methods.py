@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import CodedError, check_int, check_qkv, resolve_scale
-from .ops.dense import dense_attention
-from .ops.nsa import compress_kv, compressed_attention, nsa_attention, random_block_indices, selected_block_attention
+from .ops.dense import allowed_pairs, dense_attention
+from .ops.nsa import check_nsa_options, compress_kv, compressed_attention, nsa_attention, random_block_indices, selected_block_attention
 from .ops.sampling import PROPOSALS, sampled_attention
 from .ops.seed_topk import seed_topk_attention
 from .ops.sliding_window import sliding_window_attention
@@ -36,7 +36,7 @@ from .ops.topk import topk_attention
 
 __all__ = [
     "Config", "Shape", "Cost", "MethodResult", "Method", "SettingError", "ROLES",
-    "METHODS", "register", "choices", "check_method", "shape_of", "allowed_pairs",
+    "METHODS", "register", "choices", "check_method", "shape_of",
 ]
 
 
@@ -171,14 +171,6 @@ def shape_of(q, k, v) -> Shape:
     """The ``Shape`` of q, k, v; raises ``ValueError``/``TypeError`` as ``check_qkv`` does."""
     B, H, Hkv, Lq, Lk, D, Dv = check_qkv(q, k, v)
     return Shape(B, H, Hkv, Lq, Lk, D, Dv)
-
-
-def allowed_pairs(Lq: int, Lk: int, causal: bool) -> int:
-    """Number of (query, key) pairs the mask allows: causal query i sees keys 0..i."""
-    if not causal:
-        return Lq * Lk
-    n = min(Lq, Lk)  # rows 0..n-1 see i+1 keys; later rows see all Lk
-    return n * (n + 1) // 2 + (Lq - n) * Lk
 
 
 def _attended_pairs(Lq: int, Lk: int, causal: bool, K: int) -> int:
@@ -364,10 +356,14 @@ _NSA_PARAMS = ("compress_block_size", "selection_block_size", "num_selected_bloc
 
 
 def _nsa_validate(cfg: Config) -> None:
+    # The app's sliders start at 1 (no selected branch at 0 is for the op, not a picture): coded errors first.
     for name in _NSA_PARAMS:
         _check_positive(cfg, name)
-    if cfg.compress_block_sliding_stride is not None:
-        _check_positive(cfg, "compress_block_sliding_stride")
+    try:
+        check_nsa_options(cfg.sliding_window_size, cfg.compress_block_size, cfg.compress_block_sliding_stride,
+                          cfg.selection_block_size, cfg.num_selected_blocks)
+    except (TypeError, ValueError) as e:
+        raise SettingError("invalid_setting", str(e), detail=str(e)) from None
 
 
 def _nsa_kwargs(cfg: Config) -> dict:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_choice, check_int
+from .ops.dense import allowed_pairs
 from .selection import Selection
 
 __all__ = [
@@ -28,8 +30,7 @@ _REDUCE = ("none", "head")
 
 
 def _reduce(x: torch.Tensor, reduce: str) -> torch.Tensor:
-    if reduce not in _REDUCE:
-        raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
+    check_choice(reduce, "reduce", _REDUCE)
     if reduce == "head":
         if x.dim() != 3:
             raise ValueError(f'reduce="head" needs rows shaped (B, H, Lq), got shape {tuple(x.shape)}')
@@ -141,10 +142,7 @@ def topk_recall(dense_weights: torch.Tensor, selection_or_mask, k: int, *, reduc
     \tau_{k'}, p_j > 0\}|) / k'`, which equals the set formula when there are
     no ties. A row with no positive weight gives 1 (nothing to recall).
     """
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    check_int(k, "k", minimum=1)
     p = _check_rows("dense_weights", dense_weights)
     mask = _as_mask(selection_or_mask, p.shape[-1])
     _same_shape("dense_weights", p, "mask", mask)
@@ -162,13 +160,15 @@ def keys_attended(selection_or_mask, num_keys: int, *, reduce: str = "none") -> 
     return _reduce(mask.sum(-1).to(torch.get_default_dtype()), reduce)
 
 
-def summarize(out, ref, dense_weights, selection, *, causal: bool = False):
+def summarize(out, ref, dense_weights, selection, *, weights=None, causal: bool = False):
     """A per-head table of how far ``out`` is from dense, for showing next to the picture.
 
     Args:
         out: the sparse output (B, H, Lq, Dv); ref: dense output, same shape.
         dense_weights: (B, H, Lq, Lk) from ``dense_attention(..., return_weights=True)``.
-        selection: the method's ``Selection`` (B, H, Lq, S).
+        selection: the method's ``Selection`` (B, H, Lq, S), or its boolean
+            (B, H, Lq, Lk) mask with ``weights``, the effective (B, H, Lq, Lk)
+            weights (as a registry method's ``run`` returns them).
         causal: whether the attention was causal (sets how many keys each
             query was allowed, for the sparsity column).
 
@@ -181,14 +181,18 @@ def summarize(out, ref, dense_weights, selection, *, causal: bool = False):
     """
     import pandas as pd  # the table is for display; the metrics above need only torch
 
-    if not isinstance(selection, Selection):
-        raise TypeError(f"selection must be a Selection, got {type(selection).__name__}")
     p = _check_rows("dense_weights", dense_weights)
     if p.dim() != 4:
         raise ValueError(f"dense_weights must be (B, H, Lq, Lk), got shape {tuple(p.shape)}")
     B, H, Lq, Lk = p.shape
-    mask = selection.mask(Lk)
-    allowed = sum(min(i + 1, Lk) for i in range(Lq)) if causal else Lq * Lk
+    if isinstance(selection, Selection):
+        mask, effective = selection.mask(Lk), selection.to_dense(Lk)
+    elif weights is None:
+        raise TypeError("selection must be a Selection, or a boolean mask given with weights")
+    else:
+        mask, effective = _as_mask(selection, Lk), _check_rows("weights", weights)
+        _same_shape("dense_weights", p, "weights", effective)
+    allowed = allowed_pairs(Lq, Lk, causal)
     attended = mask.sum(dim=(0, 2, 3)).double() / B
     sparsity = 1.0 - attended / max(allowed, 1)
     cols = {
@@ -197,6 +201,6 @@ def summarize(out, ref, dense_weights, selection, *, causal: bool = False):
         "sparsity": sparsity.tolist(),
         "mass_kept": mass_kept(p, mask, reduce="head").tolist(),
         "relative_error": relative_error(out, ref, reduce="head").tolist(),
-        "total_variation": total_variation(p, selection.to_dense(Lk).to(p.dtype), reduce="head").tolist(),
+        "total_variation": total_variation(p, effective.to(p.dtype), reduce="head").tolist(),
     }
     return pd.DataFrame(cols)

@@ -98,7 +98,7 @@ class BlockCompress(nn.Module):
 class SparseAttention(nn.Module):
     """Native-Sparse-Attention-style block-sparse self-attention: (B, L, dim) -> (B, L, dim).
 
-    Projects to heads, runs ``sparse_attn.nsa.nsa_attention`` (compressed,
+    Projects to heads, runs ``sparse_attn.ops.nsa.nsa_attention`` (compressed,
     selected and sliding branches) and mixes the branches with per-token,
     per-head gates ``sigmoid(Linear(x))``. Keys and values are compressed by
     separate ``BlockCompress`` modules (mean pooling at initialisation).

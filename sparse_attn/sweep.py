@@ -13,7 +13,8 @@ method's registry entry (``sparse_attn.methods``) says how a budget sets its
 - ``"hybrid"``: ``top_k = budget // 2`` exact keys plus ``budget - top_k``
   draws from the tail, as vAttention splits it (no point below a budget of 2).
 
-Methods that read a proposal run once per entry of ``proposals``. Sampling
+Methods that read a proposal run once per entry of ``proposals`` (the
+command line's default is ``uniform``, as vAttention samples its tail). Sampling
 draws with replacement, so a budget can attend to fewer distinct keys than it
 reads. Each method runs once per seed; the table reports the mean and
 standard deviation over seeds of the per-query metrics averaged over all
@@ -29,7 +30,7 @@ from dataclasses import replace
 import torch
 
 from ._checks import check_choice, check_int, check_qkv
-from .methods import METHODS, Config, check_method
+from .methods import METHODS, Config
 from .metrics import mass_kept, relative_error, total_variation
 from .ops.dense import dense_attention
 from .ops.sampling import PROPOSALS
@@ -79,11 +80,7 @@ def budget_sweep(q, k, v, methods, budgets, *, proposals=None, seeds=(0, 1, 2, 3
     import pandas as pd  # the table is for display; the methods need only torch
 
     check_qkv(q, k, v)
-    allowed = sweepable()
-    methods = [check_method(m, argument="method").key for m in methods]
-    for m in methods:
-        if m not in allowed:
-            raise ValueError(f"method must be one of {allowed} (the methods a budget drives), got {m!r}")
+    methods = [check_choice(m, "method", sweepable()) for m in methods]  # the methods a budget drives
     budgets = [check_int(b, "budget", minimum=1) for b in budgets]
     seeds = [check_int(s, "seed", minimum=0) for s in seeds]
     if not seeds:
@@ -139,8 +136,9 @@ def main(argv=None) -> int:
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--methods", nargs="+", default=["topk", "sampling", "hybrid"], choices=sweepable(),
                     metavar="METHOD", help=f"from {sweepable()}")
-    ap.add_argument("--proposals", nargs="+", default=["uniform", "lsh", "oracle"], choices=PROPOSALS,
-                    help="proposals of the sampling methods, each run on its own")
+    ap.add_argument("--proposals", nargs="+", default=["uniform"], choices=PROPOSALS,
+                    help="proposals of the sampling methods, each run on its own (default uniform, the tail "
+                         "vAttention samples; e.g. --proposals uniform lsh oracle to compare them)")
     ap.add_argument("--budgets", nargs="+", type=int, default=[8, 16, 32, 64, 128])
     ap.add_argument("--seeds", type=int, default=5, help="number of sampling seeds (0..N-1)")
     ap.add_argument("--time", action="store_true", help="also time each method (torch.utils.benchmark)")

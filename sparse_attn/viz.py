@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from plotly.subplots import make_subplots
 
+from ._checks import check_choice, check_int
 from .i18n import t
 
 __all__ = [
@@ -61,10 +62,8 @@ def pool_map(m, max_cells: int = MAX_CELLS, mode: str = "max", *, signed: bool =
     """
     if isinstance(m, Pooled):
         return m
-    if mode not in ("max", "mean"):
-        raise ValueError(f"mode must be 'max' or 'mean', got {mode!r}")
-    if isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 1:
-        raise ValueError(f"max_cells must be an int >= 1, got {max_cells!r}")
+    check_choice(mode, "mode", ("max", "mean"))
+    check_int(max_cells, "max_cells", minimum=1)
     x = _as_2d(m)
     Lq, Lk = x.shape
     sq, sk = max(1, math.ceil(Lq / max_cells)), max(1, math.ceil(Lk / max_cells))
@@ -250,10 +249,8 @@ def chunked_topk_figure(x, k: int, chunk_size: int, *, title: str | None = None,
 
     x = torch.as_tensor(x, dtype=torch.float32).flatten()
     n = x.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in 1..{n} (the length of x), got {k}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_int(k, "k", minimum=1, maximum=n)  # at most the length of x
+    check_int(chunk_size, "chunk_size", minimum=1)
     starts = list(range(0, n, chunk_size))
     final = set(chunked_topk(x, k, chunk_size=chunk_size).indices.tolist())
     names = [t("viz.chunk_n", lang, i=i, a=a, b=min(a + chunk_size, n) - 1) for i, a in enumerate(starts)]

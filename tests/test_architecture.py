@@ -142,3 +142,25 @@ def test_the_benchmark_cli_accepts_registry_keys_only(capsys):
                 main([sub, "--methods", bad, "--lengths", "8"])
     err = capsys.readouterr().err
     assert "topk_full" in err  # the refusal lists the registry's keys
+
+
+def test_every_config_field_reaches_every_front_end():
+    """A new Config field fails here until the app and the benchmark command line know it (docs/architecture.md)."""
+    from dataclasses import fields
+
+    from benchmarks.cli import _SETTINGS
+    from sparse_attn.i18n import LANGS, t
+    from sparse_attn.methods import Config
+    from sparse_attn.ui import compute, state
+
+    names = [f.name for f in fields(Config)]
+    # The app fixes the softmax scale and the compression stride (no slider); every other field has a widget.
+    assert set(compute.CONFIG_KEYS) == set(names) - {"scale", "compress_block_sliding_stride"}
+    for name in compute.CONFIG_KEYS:
+        widget = state.widget_of(name)
+        assert widget in state.specs(), f"Config.{name} has no setting in sparse_attn/ui/state.py"
+        for lang in LANGS:
+            assert t(f"setting.{widget}", lang)
+    # causal and seed are flags of their own there; the scale stays SDPA's default.
+    missing = set(names) - {"causal", "seed", "scale"} - set(_SETTINGS)
+    assert not missing, f"benchmarks/cli.py has no flag for {sorted(missing)}"

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "notebooks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TIMEOUT_S = 120
 
 _FENCE = re.compile(r"^[ \t]*(```|~~~)")
@@ -279,6 +279,17 @@ def test_doc_method_names_are_registry_keys():
                 wrong.append(f"{c.where}: {option} {arg}")
     assert not wrong, "not names the library knows: " + "; ".join(wrong)
 
+
+
+def test_doc_gpu_sections_exist():
+    """``python -m benchmarks.gpu OUT SECTION ...``: every section shown is one the driver runs."""
+    from benchmarks.gpu import SECTIONS
+
+    shown = [(c.where, a) for c in doc_commands() if c.module == "benchmarks.gpu"
+             for a in c.args[1:] if not a.startswith("-")]
+    assert shown, "the docs show no GPU section"
+    wrong = [f"{where}: {a}" for where, a in shown if a not in SECTIONS]
+    assert not wrong, f"not sections of benchmarks.gpu ({list(SECTIONS)}): " + "; ".join(wrong)
 
 # ---- the Python examples ---------------------------------------------------------------------
 

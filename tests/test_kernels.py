@@ -120,9 +120,9 @@ if INTERPRETED:
     def test_kernel_rejects_bad_input(sb):
         q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
         idx = torch.zeros(1, 2, 8, 1, dtype=torch.long)
-        with pytest.raises(TypeError, match="block_indices must be an int64"):
+        with pytest.raises(TypeError, match="block_indices must be int64"):
             sb.selected_block_attention_triton(q, k, v, idx.int(), 8)
-        with pytest.raises(ValueError, match=r"block_indices must be \(B, Hkv, Lq, S\)"):
+        with pytest.raises(ValueError, match=r"block_indices must have shape \(B, Hkv, Lq, S\)"):
             sb.selected_block_attention_triton(q, k, v, idx[:, :, :4], 8)
         with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
             sb.selected_block_attention_triton(q.double(), k.double(), v.double(), idx, 8)

@@ -1,12 +1,12 @@
 """The method registry: uniform results that agree with the dense reference, and the app's memory budget."""
-import math
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from sparse_attn.ops.dense import causal_mask, dense_attention
-from sparse_attn.methods import METHODS, Config, SettingError, allowed_pairs, choices, shape_of
+from sparse_attn.methods import METHODS, Config, SettingError, choices, shape_of
+from sparse_attn.ops.dense import allowed_pairs
 from sparse_attn.ui.memory import BudgetError, check_budget, default_budget_bytes
 
 

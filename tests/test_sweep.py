@@ -107,5 +107,5 @@ def test_cli_writes_csv(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "pattern=peaked" in printed and "hybrid" in printed
     table = pd.read_csv(path)
-    assert list(table.columns) == COLUMNS and len(table) == 2 + 2 * 3  # the hybrid once per default proposal
+    assert list(table.columns) == COLUMNS and len(table) == 4
     assert (table[table.budget == 64].error_mean < 1e-10).all()

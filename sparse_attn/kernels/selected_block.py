@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_int, check_qkv, resolve_scale
+from .._checks import check_block_indices, check_int, check_qkv, resolve_scale
 from . import dispatch
 from ._triton import LOG2E, check_dtype, dot_precision, pow2, require_triton, tl, triton
 
@@ -141,14 +141,7 @@ def selected_block_attention_triton(q, k, v, block_indices, block_size, *, causa
     check_int(block_size, "block_size", minimum=1)
     scale = resolve_scale(scale, D)
     check_dtype(q.dtype, dispatch.KERNEL_DTYPES)
-    if not isinstance(block_indices, torch.Tensor) or block_indices.dtype != torch.int64:
-        raise TypeError("block_indices must be an int64 tensor")
-    if block_indices.dim() != 4 or tuple(block_indices.shape[:1]) + tuple(block_indices.shape[2:3]) != (B, Lq) \
-            or block_indices.shape[1] not in (Hkv, H):
-        raise ValueError(f"block_indices must be (B, Hkv, Lq, S) = ({B}, {Hkv}, {Lq}, S) or (B, H, Lq, S) = "
-                         f"({B}, {H}, {Lq}, S), got {tuple(block_indices.shape)}")
-    if block_indices.device != q.device:
-        raise ValueError(f"block_indices must be on q's device {q.device}, got {block_indices.device}")
+    check_block_indices(block_indices, B, H, Hkv, Lq, device=q.device)  # values: the caller's contract
     n_idx = block_indices.shape[1]
     S = block_indices.shape[3]
     out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)

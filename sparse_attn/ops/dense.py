@@ -12,7 +12,7 @@ from einops import rearrange
 
 from .._checks import check_qkv, resolve_scale
 
-__all__ = ["dense_attention", "causal_mask", "safe_softmax"]
+__all__ = ["dense_attention", "causal_mask", "allowed_pairs", "safe_softmax"]
 
 
 def causal_mask(Lq: int, Lk: int, device=None, q_offset: int = 0) -> torch.Tensor:
@@ -20,6 +20,14 @@ def causal_mask(Lq: int, Lk: int, device=None, q_offset: int = 0) -> torch.Tenso
     i = torch.arange(q_offset, q_offset + Lq, device=device).unsqueeze(-1)
     j = torch.arange(Lk, device=device)
     return j <= i
+
+
+def allowed_pairs(Lq: int, Lk: int, causal: bool) -> int:
+    """How many (query, key) pairs the mask allows: causal query i sees keys 0..i."""
+    if not causal:
+        return Lq * Lk
+    n = min(Lq, Lk)  # rows 0..n-1 see i+1 keys; later rows see all Lk
+    return n * (n + 1) // 2 + (Lq - n) * Lk
 
 
 def safe_softmax(scores: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from .._checks import FLOAT_DTYPES
 from .errors import ERROR_CODES, NOTE_CODES, Note, SourceError
 from .files import DEFAULT_MAX_BYTES, FILE_SUFFIXES, read_qkv_file
 from .model import default_model_dir, load_model, model_qkv
@@ -51,7 +52,6 @@ __all__ = [
 
 Kind = Literal["synthetic", "model", "file"]
 KINDS: tuple[str, ...] = get_args(Kind)  # the kinds of Source, in the order the app lists them
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def load(source: Source) -> QKV:
     """Load ``source`` into a QKV; every bad input is a SourceError with a ``code``."""
     if not isinstance(source, Source):
         raise TypeError(f"source must be a Source, got {type(source).__name__}")
-    if source.dtype is not None and source.dtype not in _DTYPES:
+    if source.dtype is not None and source.dtype not in FLOAT_DTYPES:
         allowed = "float16, bfloat16, float32, float64 or None"
         raise SourceError("bad_argument", f"dtype must be {allowed}, got {source.dtype!r}", name="dtype", value=str(source.dtype), allowed=allowed)
     notes: list[Note] = []

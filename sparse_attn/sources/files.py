@@ -28,14 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._checks import check_qkv
+from .._checks import FLOAT_DTYPES, check_qkv
 from .errors import Note, SourceError
 
 __all__ = ["DEFAULT_MAX_BYTES", "FILE_SUFFIXES", "read_qkv_file"]
 
 DEFAULT_MAX_BYTES = 256 * 2**20
 FILE_SUFFIXES = (".npy", ".npz", ".safetensors")
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def read_qkv_file(
@@ -190,7 +189,7 @@ def _check_array(label: str, name: str, arr) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(arr))
     else:
         t = arr
-        if t.dtype not in _FLOATS:
+        if t.dtype not in FLOAT_DTYPES:
             raise SourceError("bad_dtype", f"{label!r}: {name} has dtype {t.dtype}; allowed: float16, bfloat16, float32, float64",
                               path=label, name=name, dtype=str(t.dtype).removeprefix("torch."))
     shape = tuple(t.shape)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
+from .._checks import check_int
 from .errors import Note, SourceError
 
 __all__ = ["LoadedModel", "default_model_dir", "load_model", "model_qkv"]
@@ -228,14 +229,19 @@ def model_qkv(
     loaded = load_model(model_dir)
     if max_tokens is None:
         max_tokens = loaded.max_tokens
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 3 <= max_tokens <= loaded.max_tokens:
+    try:
+        check_int(max_tokens, "max_tokens", minimum=3, maximum=loaded.max_tokens)
+    except (TypeError, ValueError):
         allowed = f"an int in [3, {loaded.max_tokens}]"
-        raise SourceError("bad_argument", f"max_tokens must be {allowed}, got {max_tokens!r}", name="max_tokens", value=max_tokens, allowed=allowed)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < loaded.num_layers:
+        raise SourceError("bad_argument", f"max_tokens must be {allowed}, got {max_tokens!r}", name="max_tokens",
+                          value=max_tokens, allowed=allowed) from None
+    try:
+        check_int(layer, "layer", minimum=0, maximum=loaded.num_layers - 1)
+    except (TypeError, ValueError):
         raise SourceError(
             "layer_out_of_range", f"layer must be in [0, {loaded.num_layers - 1}] for this model, got {layer!r}",
             layer=layer, num_layers=loaded.num_layers,
-        )
+        ) from None
     layers, tokens, total = _extract(loaded.path, text, max_tokens)
     notes = []
     if total > len(tokens):

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from einops import rearrange, repeat
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 from .errors import SourceError
 
 __all__ = ["PATTERNS", "pattern_params", "synthetic_qkv"]
@@ -51,9 +51,10 @@ def _bad(name: str, value: object, allowed: str) -> SourceError:
 
 
 def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise _bad(name, value, "a finite number > 0")
-    return float(value)
+    try:
+        return check_number(value, name, positive=True)
+    except (TypeError, ValueError):
+        raise _bad(name, value, "a finite number > 0") from None
 
 
 def _count(name: str, value: object, minimum: int = 1) -> int:

@@ -13,7 +13,7 @@ import streamlit as st
 import torch
 
 from sparse_attn import metrics
-from sparse_attn.methods import METHODS, Config, allowed_pairs, shape_of
+from sparse_attn.methods import METHODS, Config, shape_of
 from sparse_attn.viz import MAX_CELLS, pool_map
 
 from . import errors, inputs
@@ -67,16 +67,11 @@ def view(s: dict, head: int, pool: str, upload: tuple[str, bytes] | None = None)
     H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
     head = min(head, H - 1)
     dw, sw = dense.weights.float(), sparse.weights.float()
-    # Per-head means (over batch and queries) from the metrics module; every head has the same number of
-    # query rows, so the headline numbers, means over all rows, are the means of these.
-    per_head = {
-        "mass_kept": metrics.mass_kept(dw, sparse.mask, reduce="head").tolist(),
-        "relative_error": metrics.relative_error(sparse.output.double(), dense.output.double(), reduce="head").tolist(),
-        "total_variation": metrics.total_variation(dw, sw, reduce="head").tolist(),
-    }
-    # Methods never select a masked key (tests/test_methods.py), so the mask counts used pairs.
-    used = sparse.mask.sum(dtype=torch.float64).item()
-    allowed = allowed_pairs(Lq, Lk, s["causal"]) * q.shape[0] * H
+    # The per-head table; every head has the same number of query rows (and allowed pairs), so the
+    # headline numbers, means over all rows, are the means of its columns.
+    table = metrics.summarize(sparse.output.double(), dense.output.double(), dw, sparse.mask, weights=sw,
+                              causal=s["causal"])
+    per_head = {c: table[c].tolist() for c in ("mass_kept", "relative_error", "total_variation")}
     result = {
         "shape": (H, Lq, Lk),
         "head": head,
@@ -85,7 +80,7 @@ def view(s: dict, head: int, pool: str, upload: tuple[str, bytes] | None = None)
         "metrics": {
             "mass_kept": statistics.fmean(per_head["mass_kept"]),
             "relative_error": statistics.fmean(per_head["relative_error"]),
-            "sparsity": 1 - used / max(allowed, 1),
+            "sparsity": statistics.fmean(table["sparsity"]),
             "keys_scored": sparse.cost.keys_scored,
             "keys_attended": sparse.cost.keys_attended,
             "flops": sparse.cost.flops,

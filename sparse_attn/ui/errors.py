@@ -7,6 +7,7 @@ import os
 import streamlit as st
 
 from sparse_attn.i18n import t
+from sparse_attn.sources.errors import SourceError
 
 from .state import widget_of
 
@@ -34,7 +35,7 @@ def message(exc: BaseException, lang: str) -> str:
     code = getattr(exc, "code", None)
     params = dict(getattr(exc, "params", {}) or {})
     if code is not None:
-        prefix = "err.source." if type(exc).__name__ == "SourceError" else "err."
+        prefix = "err.source." if isinstance(exc, SourceError) else "err."
         try:
             if "setting" in params:  # name the widget (the slider to lower), in the reader's language
                 params["setting"] = setting_label(params["setting"], lang)

@@ -57,9 +57,9 @@ def render() -> dict:
     if "selection_block_size" in params:  # also sets compress_block_size (state.TIED)
         sb.select_slider(t("setting.selection_block_size", lang), state.BLOCKS, key="selection_block_size")
     if "num_selected_blocks" in params:
-        sb.slider(t("setting.num_selected_blocks", lang), 1, 64, key="num_selected_blocks")
+        sb.slider(t("setting.num_selected_blocks", lang), 1, state.NUM_BLOCKS_MAX, key="num_selected_blocks")
     if "sliding_window_size" in params:
-        sb.slider(t("setting.sliding_window_size", lang), 1, 1024, key="sliding_window_size")
+        sb.slider(t("setting.sliding_window_size", lang), 1, state.WINDOW_MAX, key="sliding_window_size")
     # Always shown: the speed tab times streaming top-k at this chunk size whatever the method.
     sb.select_slider(t("setting.chunk_size", lang), state.CHUNKS, key="chunk_size", help=t("help.chunk_size", lang))
     sb.toggle(t("setting.causal", lang), key="causal")

@@ -30,6 +30,7 @@ HEAD_DIMS = (16, 32, 64, 128)
 CHUNKS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 BLOCKS = (4, 8, 16, 32, 64, 128)
 K_MAX, SAMPLES_MAX, SEED_MAX, HEADS_MAX = 512, 1024, 2**31 - 1, 16
+NUM_BLOCKS_MAX, WINDOW_MAX = 64, 1024
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,8 @@ def specs() -> dict[str, Spec]:
         "num_samples": Spec(64, _int_in(1, SAMPLES_MAX)),
         "proposal": Spec("lsh", _one_of(PROPOSALS)),
         "selection_block_size": Spec(16, _one_of(BLOCKS, int)),
-        "num_selected_blocks": Spec(4, _int_in(1, 64)),
-        "sliding_window_size": Spec(32, _int_in(1, 1024)),
+        "num_selected_blocks": Spec(4, _int_in(1, NUM_BLOCKS_MAX)),
+        "sliding_window_size": Spec(32, _int_in(1, WINDOW_MAX)),
         "chunk_size": Spec(64, _one_of(CHUNKS, int)),
         "causal": Spec(False, _bool),
         "device": Spec("cpu", _one_of(devices())),

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..._checks import check_int, check_qkv, resolve_scale
+from ..._checks import check_block_indices, check_int, check_qkv, resolve_scale
 from ...kernels import dispatch
 from ...selection import gather_kv
 
@@ -21,31 +21,6 @@ __all__ = ["selected_block_attention"]
 # Elements one query chunk may gather (keys + values) before the next chunk
 # starts: about 64 MiB in float64, so memory stays flat in Lq.
 _GATHER_BUDGET = 1 << 23
-
-
-def _check_block_indices(block_indices, B: int, H: int, Hkv: int, Lq: int, num_blocks: int) -> None:
-    if not isinstance(block_indices, torch.Tensor):
-        raise TypeError(f"block_indices must be a torch.Tensor, got {type(block_indices).__name__}")
-    if block_indices.dtype != torch.int64:
-        raise TypeError(f"block_indices must be int64, got {block_indices.dtype}")
-    shape = tuple(block_indices.shape)
-    if len(shape) != 4 or shape[0] != B or shape[1] not in (Hkv, H) or shape[2] != Lq:
-        raise ValueError(
-            f"block_indices must have shape (B, Hkv, Lq, S) = ({B}, {Hkv}, {Lq}, S) or "
-            f"(B, H, Lq, S) = ({B}, {H}, {Lq}, S), got {shape}"
-        )
-    if block_indices.numel() == 0:
-        return
-    lo, hi = int(block_indices.min()), int(block_indices.max())
-    if lo < -1 or hi >= num_blocks:
-        raise ValueError(
-            f"block_indices must lie in [-1, {num_blocks}) (-1 = empty slot, {num_blocks} blocks of keys), "
-            f"got values from {lo} to {hi}"
-        )
-    # A block listed twice would count its tokens twice in the softmax.
-    srt = block_indices.sort(dim=-1).values
-    if ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any():
-        raise ValueError("block_indices must not repeat a block number within a row (only -1 may repeat)")
 
 
 def selected_block_attention(q, k, v, block_indices, block_size, *, causal=False, scale=None):
@@ -70,7 +45,7 @@ def selected_block_attention(q, k, v, block_indices, block_size, *, causal=False
     B, H, Hkv, Lq, Lk, D, Dv = check_qkv(q, k, v)
     check_int(block_size, "block_size", minimum=1)
     scale = resolve_scale(scale, D)
-    _check_block_indices(block_indices, B, H, Hkv, Lq, math.ceil(Lk / block_size))
+    check_block_indices(block_indices, B, H, Hkv, Lq, math.ceil(Lk / block_size), device=q.device)
     return _selected_impl(q, k, v, block_indices, block_size, causal, scale)
 
 
