@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from sparse_attn.methods import METHODS, check_method
+from sparse_attn.methods import METHODS
 from sparse_attn.timing import cuda_peak_bytes, time_fn
 
 from .cases import CUDA_ONLY_BACKENDS, DTYPES, SDPA_BACKENDS, SDPA_METHODS, Case
@@ -46,14 +46,25 @@ def timed_call(case: Case, q, k, v) -> Callable[[], torch.Tensor]:
     return run
 
 
-def _check_case(case: Case) -> None:
-    check_method(case.method)
-    if case.sdpa_backend not in SDPA_BACKENDS:
-        raise ValueError(f"sdpa_backend must be one of {list(SDPA_BACKENDS)}, got {case.sdpa_backend!r}")
-    if case.sdpa_backend != "default" and case.method not in SDPA_METHODS:
-        raise ValueError(f"an SDPA backend applies to {list(SDPA_METHODS)} only, not {case.method!r}")
+def _refusal(case: Case) -> str | None:
+    """Why a case makes no sense anywhere (an unknown name, a backend for the wrong method), or None."""
+    if case.method not in METHODS:
+        return f"unknown method {case.method!r}: method must be one of {list(METHODS)}"
+    if case.dtype not in DTYPES:
+        return f"unknown dtype {case.dtype!r}; choose from {sorted(DTYPES)}"
     if case.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {case.device!r} asked for, but CUDA is not available here")
+        return f"device {case.device!r} asked for, but CUDA is not available here"
+    if case.sdpa_backend not in SDPA_BACKENDS:
+        return f"unknown SDPA backend {case.sdpa_backend!r}; choose from {list(SDPA_BACKENDS)}"
+    if case.sdpa_backend != "default" and case.method not in SDPA_METHODS:
+        return f"an SDPA backend applies to {list(SDPA_METHODS)} only, not {case.method!r}"
+    return None
+
+
+def _check_case(case: Case) -> None:
+    reason = _refusal(case)
+    if reason:
+        raise ValueError(reason)
 
 
 def measure_case(case: Case, *, timing: bool = True) -> dict:
@@ -105,16 +116,9 @@ def run_case_subprocess(case: Case, *, timing: bool = True, timeout: float | Non
 
 def skip_reason(case: Case) -> str | None:
     """Why a case cannot run here (a note for the table), or None."""
-    if case.method not in METHODS:
-        return f"unknown method {case.method!r}; choose from {list(METHODS)}"
-    if case.dtype not in DTYPES:
-        return f"unknown dtype {case.dtype!r}; choose from {sorted(DTYPES)}"
-    if case.device.startswith("cuda") and not torch.cuda.is_available():
-        return f"device {case.device!r} asked for, but CUDA is not available here"
-    if case.sdpa_backend not in SDPA_BACKENDS:
-        return f"unknown SDPA backend {case.sdpa_backend!r}; choose from {list(SDPA_BACKENDS)}"
-    if case.sdpa_backend != "default" and case.method not in SDPA_METHODS:
-        return f"an SDPA backend applies to {list(SDPA_METHODS)} only"
+    reason = _refusal(case)
+    if reason:
+        return reason
     if case.sdpa_backend in CUDA_ONLY_BACKENDS and not case.device.startswith("cuda"):
         return f"{case.label} runs on CUDA only"
     if case.kv_heads and case.heads % case.kv_heads:

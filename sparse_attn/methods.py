@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import CodedError, check_int, check_qkv, resolve_scale
+from ._checks import CodedError, check_choice, check_int, check_qkv, resolve_scale
 from .ops.dense import allowed_pairs, dense_attention
 from .ops.nsa import check_nsa_options, compress_kv, compressed_attention, nsa_attention, random_block_indices, selected_block_attention
 from .ops.sampling import PROPOSALS, sampled_attention
@@ -161,10 +161,7 @@ def choices(role: str = "method") -> list[str]:
 
 def check_method(name: object, *, roles=ROLES, argument: str = "method") -> "Method":
     """The registered method called ``name`` (with one of ``roles``); else a ValueError listing the allowed names."""
-    allowed = [k for k, m in METHODS.items() if m.role in roles]
-    if not isinstance(name, str) or name not in allowed:
-        raise ValueError(f"{argument} must be one of {allowed}, got {name!r}")
-    return METHODS[name]
+    return METHODS[check_choice(name, argument, [k for k, m in METHODS.items() if m.role in roles])]
 
 
 def shape_of(q, k, v) -> Shape:
