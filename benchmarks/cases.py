@@ -108,8 +108,10 @@ class Case:
         """
         c = self.config
         cfg = replace(c, top_k=min(c.top_k, 8), num_samples=min(c.num_samples, 8),
-                      chunk_size=None if c.chunk_size is None else 4, selection_block_size=4, num_selected_blocks=2,
-                      compress_block_size=4, compress_block_sliding_stride=2, sliding_window_size=4)
+                      chunk_size=None if c.chunk_size is None else 4, selection_block_size=4,
+                      num_selected_blocks=max(2, c.num_initial_blocks + c.num_local_blocks),  # the forced ones fit
+                      compress_block_size=4, compress_block_sliding_stride=2, sliding_window_size=4,
+                      token_budget=min(c.token_budget, 8), page_size=min(c.page_size, 4))
         return replace(self, length=8, config=cfg)
 
 

@@ -52,7 +52,12 @@ _SETTINGS = {
     "num_selected_blocks": (int, "NSA selection blocks per query"),
     "compress_block_size": (int, "tokens per NSA compression block"),
     "compress_block_sliding_stride": (int, "stride between NSA compression blocks"),
-    "sliding_window_size": (int, "keys of the NSA sliding window"),
+    "num_initial_blocks": (int, "NSA blocks every query selects at the start of the sequence"),
+    "num_local_blocks": (int, "NSA blocks every query selects, ending at its own block"),
+    "sliding_window_size": (int, "keys of the sliding window (NSA's third branch, StreamingLLM's window)"),
+    "num_sink_tokens": (int, "StreamingLLM's attention sinks: the first keys every query reads"),
+    "token_budget": (int, "Quest's tokens per query, read as whole pages"),
+    "page_size": (int, "tokens per Quest page"),
 }
 
 

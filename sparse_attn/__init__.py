@@ -9,11 +9,13 @@ imports Streamlit (that lives in ``sparse_attn.ui``).
 from .modules import SparseAttention, SparseAttentionWithImportanceSampling
 from .ops.dense import dense_attention
 from .ops.nsa import NSAMaps, nsa_attention, selected_block_attention
+from .ops.quest import quest_attention
 from .ops.sampling import sampled_attention
 from .ops.sliding_window import sliding_window_attention
+from .ops.streaming_llm import streaming_llm_attention
 from .ops.topk import topk_attention
 from .selection import Selection
-from .topk import StreamingTopK, TopK, chunked_topk, merge_topk
+from .topk import StreamingTopK, TopK, chunked_topk, merge_topk, stable_topk
 
 __all__ = [
     "NSAMaps",
@@ -26,9 +28,12 @@ __all__ = [
     "dense_attention",
     "merge_topk",
     "nsa_attention",
+    "quest_attention",
     "sampled_attention",
     "selected_block_attention",
     "sliding_window_attention",
+    "stable_topk",
+    "streaming_llm_attention",
     "topk_attention",
 ]
 __version__ = "0.1.0"

@@ -28,10 +28,13 @@ import torch.nn.functional as F
 
 from ._checks import CodedError, check_choice, check_int, check_qkv, resolve_scale
 from .ops.dense import allowed_pairs, dense_attention
+from .ops.indexed import QUERY_CHUNK
 from .ops.nsa import check_nsa_options, compress_kv, compressed_attention, nsa_attention, random_block_indices, selected_block_attention
+from .ops.quest import quest_attention
 from .ops.sampling import PROPOSALS, sampled_attention
 from .ops.seed_topk import seed_topk_attention
 from .ops.sliding_window import sliding_window_attention
+from .ops.streaming_llm import streaming_llm_attention, streaming_llm_pairs, streaming_llm_width
 from .ops.topk import topk_attention
 
 __all__ = [
@@ -46,7 +49,15 @@ class SettingError(CodedError):
 
 @dataclass(frozen=True)
 class Config:
-    """Method settings, named as the ops' keyword arguments; each method reads only the ones it needs."""
+    """Method settings, named as the ops' keyword arguments; each method reads only the ones it needs.
+
+    ``sliding_window_size`` is read by NSA (its third branch) and by
+    StreamingLLM (the window after its sinks). Quest reads its own
+    ``token_budget``, not ``top_k``: it reads whole pages, so its keys per
+    query are ``token_budget`` rounded up to a multiple of ``page_size``.
+    ``num_initial_blocks`` and ``num_local_blocks`` are NSA's forced blocks,
+    counted inside ``num_selected_blocks``.
+    """
 
     top_k: int = 32
     num_samples: int = 64
@@ -56,7 +67,12 @@ class Config:
     compress_block_sliding_stride: int | None = None  # None: compress_block_size (no overlap)
     selection_block_size: int = 16
     num_selected_blocks: int = 4
+    num_initial_blocks: int = 1  # the NSA paper always selects the first block ...
+    num_local_blocks: int = 2    # ... and the two blocks nearest the query
     sliding_window_size: int = 32
+    num_sink_tokens: int = 4     # StreamingLLM keeps 4 attention sinks
+    token_budget: int = 32
+    page_size: int = 16          # Quest's pages
     causal: bool = False
     scale: float | None = None
     seed: int = 0
@@ -112,9 +128,10 @@ class Method:
     params: tuple[str, ...] = ()  # Config fields it reads (the sidebar shows these)
     role: str = "method"          # one of ROLES
     validate: Callable | None = None
-    # How a budget of keys per query sets this method's Config (None: no single knob, as in NSA);
+    # How a budget of keys per query sets this method's Config: at_budget(cfg, budget, num_keys=None),
+    # num_keys the key length when the caller knows it (NSA counts its compressed keys with it);
     # returns None where the budget is too small for the method.
-    at_budget: Callable[[Config, int], Config | None] | None = None
+    at_budget: Callable[..., Config | None] | None = None
     # (q, k, v, cfg) -> a zero-argument call to time, when inputs must be prepared first
     # (random block indices for the selected branch); default: forward on the given inputs.
     prepare: Callable | None = None
@@ -177,13 +194,24 @@ def _attended_pairs(Lq: int, Lk: int, causal: bool, K: int) -> int:
     return n * (n + 1) // 2 + (Lq - n) * min(K, Lk)
 
 
-def _check_positive(cfg: Config, name: str) -> None:
+def _check_at_least(cfg: Config, name: str, minimum: int = 1) -> None:
     value = getattr(cfg, name)
     try:
-        check_int(value, name, minimum=1)
+        check_int(value, name, minimum=minimum)
     except (TypeError, ValueError):
-        raise SettingError("must_be_positive", f"{name} must be an int >= 1, got {value!r}", setting=name,
+        code = "must_be_positive" if minimum == 1 else "must_be_non_negative"
+        raise SettingError(code, f"{name} must be an int >= {minimum}, got {value!r}", setting=name,
                            value=value) from None
+
+
+def _window_keys(sliding_window_size: int, causal: bool) -> int:
+    """Keys a sliding window holds away from the edges: causal reads back only, otherwise both ways (|i - j| < w)."""
+    return sliding_window_size if causal else 2 * sliding_window_size - 1
+
+
+def _window_for(keys: int, causal: bool) -> int:
+    """The largest sliding_window_size whose window holds at most ``keys`` keys (``keys`` >= 1)."""
+    return keys if causal else (keys + 1) // 2
 
 
 # ---- dense: the reference (SDPA when timed) -------------------------------------------------
@@ -237,7 +265,7 @@ def _topk_validate(cfg: Config) -> None:
     except (TypeError, ValueError):
         raise SettingError("k_too_small", f"top_k must be an int >= 1, got {cfg.top_k!r}", value=cfg.top_k) from None
     if cfg.chunk_size is not None:
-        _check_positive(cfg, "chunk_size")
+        _check_at_least(cfg, "chunk_size")
 
 
 def _topk_run(chunked: bool):
@@ -260,7 +288,7 @@ def _topk_forward(chunked: bool):
     return forward
 
 
-def _topk_at_budget(cfg: Config, budget: int) -> Config:
+def _topk_at_budget(cfg: Config, budget: int, *, num_keys: int | None = None) -> Config:
     return replace(cfg, top_k=budget)
 
 
@@ -287,7 +315,7 @@ def _sampling_validate(hybrid: bool):
     def validate(cfg: Config) -> None:
         if hybrid:
             _topk_validate(cfg)
-        _check_positive(cfg, "num_samples")
+        _check_at_least(cfg, "num_samples")
         if cfg.proposal not in PROPOSALS:
             raise SettingError("unknown_proposal", f"proposal must be one of {PROPOSALS}, got {cfg.proposal!r}",
                                value=cfg.proposal, allowed=PROPOSALS)
@@ -331,11 +359,11 @@ def _sampling_run(hybrid: bool):
     return run
 
 
-def _sampling_at_budget(cfg: Config, budget: int) -> Config:
+def _sampling_at_budget(cfg: Config, budget: int, *, num_keys: int | None = None) -> Config:
     return replace(cfg, num_samples=budget)
 
 
-def _hybrid_at_budget(cfg: Config, budget: int) -> Config | None:
+def _hybrid_at_budget(cfg: Config, budget: int, *, num_keys: int | None = None) -> Config | None:
     # Half the budget exact, the rest drawn from the tail (as vAttention splits it).
     top_k = budget // 2
     return None if top_k < 1 else replace(cfg, top_k=top_k, num_samples=budget - top_k)
@@ -349,16 +377,26 @@ for _hybrid, _key, _params, _at in ((False, "sampling", ("num_samples", "proposa
 
 # ---- NSA-style blocks: compressed + selected + sliding, equal gates -------------------------
 
-_NSA_PARAMS = ("compress_block_size", "selection_block_size", "num_selected_blocks", "sliding_window_size")
+_NSA_SIZES = ("compress_block_size", "selection_block_size", "num_selected_blocks", "sliding_window_size")
+_NSA_FORCED = ("num_initial_blocks", "num_local_blocks")
+_NSA_PARAMS = _NSA_SIZES + _NSA_FORCED
 
 
 def _nsa_validate(cfg: Config) -> None:
     # The app's sliders start at 1 (no selected branch at 0 is for the op, not a picture): coded errors first.
-    for name in _NSA_PARAMS:
-        _check_positive(cfg, name)
+    for name in _NSA_SIZES:
+        _check_at_least(cfg, name)
+    for name in _NSA_FORCED:  # 0 and 0 turn forcing off
+        _check_at_least(cfg, name, minimum=0)
+    forced = cfg.num_initial_blocks + cfg.num_local_blocks
+    if forced > cfg.num_selected_blocks:  # NSA counts its forced blocks inside the n it selects
+        raise SettingError("forced_blocks", f"num_selected_blocks ({cfg.num_selected_blocks}) must be at least "
+                           f"num_initial_blocks + num_local_blocks ({forced})", setting="num_selected_blocks",
+                           value=cfg.num_selected_blocks, forced=forced)
     try:
         check_nsa_options(cfg.sliding_window_size, cfg.compress_block_size, cfg.compress_block_sliding_stride,
-                          cfg.selection_block_size, cfg.num_selected_blocks)
+                          cfg.selection_block_size, cfg.num_selected_blocks,
+                          num_initial_blocks=cfg.num_initial_blocks, num_local_blocks=cfg.num_local_blocks)
     except (TypeError, ValueError) as e:
         raise SettingError("invalid_setting", str(e), detail=str(e)) from None
 
@@ -367,17 +405,25 @@ def _nsa_kwargs(cfg: Config) -> dict:
     return dict(sliding_window_size=cfg.sliding_window_size, compress_block_size=cfg.compress_block_size,
                 compress_block_sliding_stride=cfg.compress_block_sliding_stride,
                 selection_block_size=cfg.selection_block_size, num_selected_blocks=cfg.num_selected_blocks,
+                num_initial_blocks=cfg.num_initial_blocks, num_local_blocks=cfg.num_local_blocks,
                 causal=cfg.causal, scale=cfg.scale)
+
+
+def _nsa_compressed_keys(Lk: int, cfg: Config) -> float:
+    """Compressed keys a query reads, on average: every whole block, half of them under causal."""
+    half = 0.5 if cfg.causal else 1.0
+    stride = cfg.compress_block_sliding_stride or cfg.compress_block_size
+    return (max(Lk - cfg.compress_block_size, -stride) // stride + 1) * half
 
 
 def _nsa_cost(s: Shape, cfg: Config, itemsize: int) -> Cost:
     half = 0.5 if cfg.causal else 1.0
-    stride = cfg.compress_block_sliding_stride or cfg.compress_block_size
-    n_cmp = (max(s.Lk - cfg.compress_block_size, -stride) // stride + 1) * half
+    n_cmp = _nsa_compressed_keys(s.Lk, cfg)
     # Blocks or a window beyond the keys there are add nothing (selection and the sliding band stop at Lk):
     # counting them would refuse the largest settings even at small L, naming the wrong setting to lower.
     sel = cfg.selection_block_size
-    near = min(cfg.num_selected_blocks, -(-s.Lk // sel)) * sel + min(cfg.sliding_window_size, s.Lk)
+    window = min(_window_keys(cfg.sliding_window_size, cfg.causal), s.Lk)
+    near = min(cfg.num_selected_blocks, -(-s.Lk // sel)) * sel + window
     attended = min(s.Lk * half, n_cmp + near)
     scored = n_cmp + near  # compressed scores also rank the blocks
     rows = s.B * s.H * s.Lq
@@ -403,8 +449,29 @@ def _nsa_run(q, k, v, cfg: Config) -> MethodResult:
     return MethodResult(out, maps.combined, mask, cost)
 
 
+def _nsa_at_budget(cfg: Config, budget: int, *, num_keys: int | None = None) -> Config | None:
+    """compressed keys + selected tokens + window <= budget, with the block sizes fixed.
+
+    The forced blocks (at least one block: the registry's selected branch is
+    never off) come first; the window keeps its size when the rest of the
+    budget allows it and shrinks otherwise; whole blocks fill what is left.
+    Without ``num_keys`` the compressed keys are not counted.
+    """
+    compressed = 0 if num_keys is None else math.ceil(_nsa_compressed_keys(num_keys, cfg))
+    blocks = max(1, cfg.num_initial_blocks + cfg.num_local_blocks)
+    forced_keys = blocks * cfg.selection_block_size
+    if num_keys is not None:  # a short input has fewer blocks (and keys) than there are forced slots
+        forced_keys = min(forced_keys, num_keys)
+    room = budget - compressed - forced_keys
+    if room < 1:  # not even the forced blocks and a window of one key
+        return None
+    window = min(cfg.sliding_window_size, _window_for(room, cfg.causal))
+    blocks += (room - _window_keys(window, cfg.causal)) // cfg.selection_block_size
+    return replace(cfg, num_selected_blocks=blocks, sliding_window_size=window)
+
+
 register(Method("nsa", _nsa_forward, _nsa_run, _nsa_cost, params=_NSA_PARAMS, validate=_nsa_validate,
-                picture_maps=6))
+                at_budget=_nsa_at_budget, picture_maps=6))
 
 
 # ---- NSA's branches alone, to time each stage -----------------------------------------------
@@ -439,6 +506,119 @@ register(Method("nsa_selected", _nsa_selected, params=("selection_block_size", "
 register(Method("nsa_sliding", lambda q, k, v, cfg: sliding_window_attention(
     q, k, v, cfg.sliding_window_size, causal=cfg.causal, scale=cfg.scale), params=("sliding_window_size",),
     role="stage", validate=_nsa_validate))
+
+
+# ---- StreamingLLM: attention sinks + a sliding window (static) --------------------------------
+
+def _streaming_llm_validate(cfg: Config) -> None:
+    for name in ("num_sink_tokens", "sliding_window_size"):
+        _check_at_least(cfg, name, minimum=0)
+    if cfg.num_sink_tokens == 0 and cfg.sliding_window_size == 0:
+        raise SettingError("no_keys", "num_sink_tokens and sliding_window_size are both 0: no key to attend to",
+                           setting="num_sink_tokens")
+
+
+def _streaming_llm_cost(s: Shape, cfg: Config, itemsize: int) -> Cost:
+    # The pattern is known before any score: the keys scored are the keys attended.
+    pairs = streaming_llm_pairs(s.Lq, s.Lk, cfg.num_sink_tokens, cfg.sliding_window_size, causal=cfg.causal)
+    K = streaming_llm_width(s.Lk, cfg.num_sink_tokens, cfg.sliding_window_size, causal=cfg.causal)
+    rows, block = s.B * s.H, min(s.Lq, QUERY_CHUNK)
+    flops = rows * pairs * (2 * s.D + 2 * s.Dv + 5)
+    # The positions; per block of queries the keys gathered once per KV group, and per query head the
+    # scores, weights and three index copies; the output.
+    memory = (s.Lq * K * 8 + s.B * s.Hkv * block * K * s.D * itemsize + rows * block * K * (3 * itemsize + 3 * 8)
+              + rows * s.Lq * s.Dv * itemsize)
+    per_q = pairs / max(s.Lq, 1)
+    return Cost(float(flops), float(memory), per_q, per_q)
+
+
+def _streaming_llm_call(q, k, v, cfg: Config, **kw):
+    _streaming_llm_validate(cfg)
+    return streaming_llm_attention(q, k, v, cfg.num_sink_tokens, cfg.sliding_window_size, causal=cfg.causal,
+                                   scale=cfg.scale, **kw)
+
+
+def _streaming_llm_run(q, k, v, cfg: Config) -> MethodResult:
+    out, sel = _streaming_llm_call(q, k, v, cfg, return_selection=True)
+    Lk = k.shape[2]
+    cost = _streaming_llm_cost(shape_of(q, k, v), cfg, q.element_size())
+    return MethodResult(out, sel.to_dense(Lk), sel.mask(Lk), cost)
+
+
+def _streaming_llm_at_budget(cfg: Config, budget: int, *, num_keys: int | None = None) -> Config | None:
+    # The sinks stay as set; the window takes the rest (None: the sinks alone fill the budget).
+    room = budget - cfg.num_sink_tokens
+    return None if room < 1 else replace(cfg, sliding_window_size=_window_for(room, cfg.causal))
+
+
+register(Method("streaming_llm", _streaming_llm_call, _streaming_llm_run, _streaming_llm_cost,
+                params=("num_sink_tokens", "sliding_window_size"), validate=_streaming_llm_validate,
+                at_budget=_streaming_llm_at_budget))
+
+
+# ---- Quest: pages ranked by an upper bound of their scores ------------------------------------
+
+def _quest_validate(cfg: Config) -> None:
+    _check_at_least(cfg, "token_budget")
+    _check_at_least(cfg, "page_size")
+
+
+def _quest_check_length(cfg: Config, Lk: int) -> None:
+    if cfg.page_size > Lk:
+        raise SettingError("page_too_large", f"page_size ({cfg.page_size}) must be at most the key length ({Lk})",
+                           setting="page_size", value=cfg.page_size, length=Lk)
+
+
+def _quest_cost(s: Shape, cfg: Config, itemsize: int) -> Cost:
+    P = cfg.page_size
+    pages = -(-s.Lk // P)
+    S = min(-(-cfg.token_budget // P), pages)
+    i = torch.arange(s.Lq)
+    # Under causal query i may pick pages that start at or before it, and reads no key after it.
+    eligible = (i // P + 1).clamp(max=pages) if cfg.causal else torch.full_like(i, pages)
+    allowed = (i + 1).clamp(max=s.Lk) if cfg.causal else torch.full_like(i, s.Lk)
+    attended = float(allowed.clamp(max=S * P).sum())  # at most: a short last page holds fewer tokens
+    bounded = float(eligible.sum())
+    rows, block = s.B * s.H, min(s.Lq, QUERY_CHUNK)
+    scored = 2 * bounded + attended  # two bound vectors (min, max) per page, then the picked tokens exactly
+    # Page min and max; per query two D-long products per page, then exact attention on the picked tokens.
+    flops = s.B * s.Hkv * s.Lk * s.D * 2 + rows * (bounded * 4 * s.D + attended * (2 * s.D + 2 * s.Dv + 5))
+    # Held throughout: the page min and max, every query's picked tokens. Then the larger of two phases:
+    # picking (a block's bounds: two matmuls, their sum, the masked copy; under causal the running min and
+    # max of every key) and attending (a block's gathered keys, scores, weights, index copies; the output).
+    held = 2 * s.B * s.Hkv * pages * s.D * itemsize + rows * s.Lq * S * P * 8
+    picking = rows * block * pages * (4 * itemsize + 2)
+    if cfg.causal:
+        picking += 2 * s.B * s.Hkv * s.Lk * s.D * itemsize + rows * block * s.D * itemsize
+    attending = rows * block * S * P * (s.D * itemsize + 3 * itemsize + 3 * 8) + rows * s.Lq * s.Dv * itemsize
+    memory = held + max(picking, attending)
+    return Cost(float(flops), float(memory), scored / max(s.Lq, 1), attended / max(s.Lq, 1))
+
+
+def _quest_call(q, k, v, cfg: Config, **kw):
+    _quest_validate(cfg)
+    _quest_check_length(cfg, k.shape[2])
+    return quest_attention(q, k, v, cfg.token_budget, cfg.page_size, causal=cfg.causal, scale=cfg.scale, **kw)
+
+
+def _quest_run(q, k, v, cfg: Config) -> MethodResult:
+    out, sel = _quest_call(q, k, v, cfg, return_selection=True)
+    Lk = k.shape[2]
+    mask = sel.mask(Lk)
+    cost = _quest_cost(shape_of(q, k, v), cfg, q.element_size())
+    # The cost model's count is an upper bound (a short last page); report the keys actually read.
+    cost = cost._replace(keys_attended=float(mask.sum(-1).double().mean()) if mask.numel() else 0.0)
+    return MethodResult(out, sel.to_dense(Lk), mask, cost)
+
+
+def _quest_at_budget(cfg: Config, budget: int, *, num_keys: int | None = None) -> Config | None:
+    if num_keys is not None and cfg.page_size > num_keys:  # not one whole page: the method cannot run
+        return None
+    return replace(cfg, token_budget=budget)
+
+
+register(Method("quest", _quest_call, _quest_run, _quest_cost, params=("token_budget", "page_size"),
+                validate=_quest_validate, at_budget=_quest_at_budget))
 
 
 # ---- the seed's top-k: the baseline -----------------------------------------------------------

@@ -100,17 +100,21 @@ class SparseAttention(nn.Module):
 
     Projects to heads, runs ``sparse_attn.ops.nsa.nsa_attention`` (compressed,
     selected and sliding branches) and mixes the branches with per-token,
-    per-head gates ``sigmoid(Linear(x))``. Keys and values are compressed by
-    separate ``BlockCompress`` modules (mean pooling at initialisation).
+    per-head gates ``sigmoid(to_gates(x))``: output column ``3 * h + s`` of
+    ``to_gates`` is the gate of head h for branch s (0 compressed, 1 selected,
+    2 sliding), i.e. ``rearrange(..., "b l (h s) -> b h l s", s=3)``. Keys and
+    values are compressed by separate ``BlockCompress`` modules (mean pooling
+    at initialisation).
 
     Args:
         dim: model width. dim_head: width of one head. heads: query heads.
         kv_heads: key/value heads, must divide ``heads``; default ``heads``.
         causal: no branch sees later tokens.
         sliding_window_size, compress_block_size, compress_block_sliding_stride,
-        selection_block_size, num_selected_blocks, query_heads_share_selected_kv,
-        interpolated_importance_score, use_diff_topk: as in ``nsa_attention``;
-            ``num_selected_blocks=0`` turns the selected branch off.
+        selection_block_size, num_selected_blocks, num_initial_blocks, num_local_blocks,
+        query_heads_share_selected_kv, interpolated_importance_score, use_diff_topk:
+            as in ``nsa_attention`` (forced blocks default to NSA's 1 initial and
+            2 local); ``num_selected_blocks=0`` turns the selected branch off.
 
     ``forward(x, return_maps=True)`` also returns ``NSAMaps`` (per-branch
     (B, heads, L, L) maps, picked blocks and gates) for drawing.
@@ -118,7 +122,8 @@ class SparseAttention(nn.Module):
 
     def __init__(self, dim: int, dim_head: int, heads: int, *, kv_heads: int | None = None, causal: bool = False,
                  sliding_window_size: int, compress_block_size: int, compress_block_sliding_stride: int | None = None,
-                 selection_block_size: int, num_selected_blocks: int, use_diff_topk: bool = False,
+                 selection_block_size: int, num_selected_blocks: int, num_initial_blocks: int = 1,
+                 num_local_blocks: int = 2, use_diff_topk: bool = False,
                  query_heads_share_selected_kv: bool = True, interpolated_importance_score: bool = False):
         super().__init__()
         check_int(dim, "dim", minimum=1)
@@ -128,12 +133,14 @@ class SparseAttention(nn.Module):
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
         stride = check_nsa_options(sliding_window_size, compress_block_size, compress_block_sliding_stride,
-                                   selection_block_size, num_selected_blocks)
+                                   selection_block_size, num_selected_blocks, num_initial_blocks=num_initial_blocks,
+                                   num_local_blocks=num_local_blocks)
         self.dim, self.dim_head, self.heads, self.kv_heads = dim, dim_head, heads, kv_heads
         self.options = dict(
             causal=bool(causal), sliding_window_size=sliding_window_size, compress_block_size=compress_block_size,
             compress_block_sliding_stride=stride, selection_block_size=selection_block_size,
-            num_selected_blocks=num_selected_blocks, use_diff_topk=bool(use_diff_topk),
+            num_selected_blocks=num_selected_blocks, num_initial_blocks=num_initial_blocks,
+            num_local_blocks=num_local_blocks, use_diff_topk=bool(use_diff_topk),
             query_heads_share_selected_kv=bool(query_heads_share_selected_kv),
             interpolated_importance_score=bool(interpolated_importance_score),
         )

@@ -19,7 +19,9 @@ class Selection(NamedTuple):
 
     ``indices`` are key positions (-1 in a slot that holds no allowed key);
     ``weights`` are the effective attention weights on those keys (0 in
-    empty slots). For top-k they sum to 1 per row with at least one allowed key.
+    empty slots). For top-k they sum to 1 per row with at least one allowed
+    key, and a row lists its keys by score, highest first, equal scores in
+    ascending key index, then its empty slots (the same on every top-k path).
     """
 
     indices: torch.Tensor

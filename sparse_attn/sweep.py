@@ -6,19 +6,27 @@
 
 A *budget* is the number of keys whose score and value a query reads; each
 method's registry entry (``sparse_attn.methods``) says how a budget sets its
-``Config`` (``Method.at_budget``):
+``Config`` (``Method.at_budget``, given the key length):
 
 - ``"topk"``, ``"topk_full"``: ``top_k = budget``;
 - ``"sampling"``: ``num_samples = budget`` draws from the proposal;
 - ``"hybrid"``: ``top_k = budget // 2`` exact keys plus ``budget - top_k``
-  draws from the tail, as vAttention splits it (no point below a budget of 2).
+  draws from the tail, as vAttention splits it (no point below a budget of 2);
+- ``"nsa"``: compressed keys + selected blocks' tokens + sliding window
+  within the budget, block sizes fixed (no point below the compressed keys
+  and the forced blocks);
+- ``"streaming_llm"``: the sinks as set, the window takes the rest;
+- ``"quest"``: ``token_budget = budget``, read as whole pages (rounded up).
 
+The ``keys_attended`` column says what each row really read, so a budget can
+be checked: sampling draws with replacement (fewer distinct keys than draws),
+Quest rounds up to pages, and NSA's effective weights reach every key under a
+compressed block it reads (the budget counts such a block as one key).
 Methods that read a proposal run once per entry of ``proposals`` (the
-command line's default is ``uniform``, as vAttention samples its tail). Sampling
-draws with replacement, so a budget can attend to fewer distinct keys than it
-reads. Each method runs once per seed; the table reports the mean and
-standard deviation over seeds of the per-query metrics averaged over all
-query rows (deterministic methods run once: their spread is 0).
+command line's default is ``uniform``, as vAttention samples its tail). Each
+method runs once per seed; the table reports the mean and standard deviation
+over seeds of the per-query metrics averaged over all query rows
+(deterministic methods run once: their spread is 0).
 """
 from __future__ import annotations
 
@@ -31,22 +39,28 @@ import torch
 
 from ._checks import check_choice, check_int, check_qkv
 from .methods import METHODS, Config
-from .metrics import mass_kept, relative_error, total_variation
+from .metrics import error_vs_uniform, kl_divergence, mass_kept, relative_error, total_variation
 from .ops.dense import dense_attention
 from .ops.sampling import PROPOSALS
 from .timing import time_fn
 
-__all__ = ["COLUMNS", "sweepable", "budget_sweep", "main"]
+__all__ = ["COLUMNS", "sweepable", "default_methods", "budget_sweep", "format_table", "main"]
 
 COLUMNS = [
-    "method", "proposal", "budget", "seeds", "error_mean", "error_std", "mass_kept_mean", "mass_kept_std",
-    "tv_mean", "keys_attended", "time_ms", "time_iqr_ms",
+    "method", "proposal", "budget", "seeds", "error_mean", "error_std", "error_vs_uniform_mean",
+    "error_vs_uniform_std", "mass_kept_mean", "mass_kept_std", "tv_mean", "kl_finite", "kl_mean", "keys_attended",
+    "time_ms", "time_iqr_ms",
 ]
 
 
 def sweepable() -> list[str]:
     """Registry keys that a budget can drive (``Method.at_budget`` is set), in registration order."""
     return [key for key, m in METHODS.items() if m.at_budget is not None and m.run is not None]
+
+
+def default_methods() -> list[str]:
+    """The sweepable methods a reader picks (role "method"): ``sweepable()`` without timing twins such as topk_full."""
+    return [key for key in sweepable() if METHODS[key].role == "method"]
 
 
 def budget_sweep(q, k, v, methods, budgets, *, proposals=None, seeds=(0, 1, 2, 3, 4), causal: bool = False,
@@ -66,16 +80,25 @@ def budget_sweep(q, k, v, methods, budgets, *, proposals=None, seeds=(0, 1, 2, 3
         causal, scale: as ``dense_attention``.
         time: also time one call per row with ``sparse_attn.timing.time_fn``
             (median and IQR in ms); otherwise NaN.
-        config: the other settings (chunk size, ...); default ``Config()``.
+        config: the other settings (chunk size, sinks, page size, ...); default ``Config()``.
 
     Returns:
         pandas DataFrame with columns ``COLUMNS``. ``proposal`` is "" for
-        methods without one. ``error`` is the relative output error per query
-        row (``metrics.relative_error``) averaged over rows; ``mass_kept`` the
-        dense mass on the distinct keys attended; ``tv`` the total variation
-        between dense and effective rows; ``keys_attended`` the mean number of
-        distinct keys per query. A budget too small for a method (the hybrid
-        at 1) has no row.
+        methods without one. Per query row, averaged over all rows, then mean
+        and std over seeds: ``error`` is ``metrics.relative_error`` (against
+        the zero output: it can exceed 1 when the dense output nearly
+        cancels), ``error_vs_uniform`` is ``metrics.error_vs_uniform``
+        (against attending to every allowed key equally; rows where that is
+        exact are left out), ``mass_kept`` the dense mass on the distinct keys
+        attended, ``tv`` the total variation between dense and effective
+        rows. KL is infinite on every row that drops a key with weight, so it
+        is not averaged: ``kl_finite`` is the share of rows (over seeds) with
+        finite KL and ``kl_mean`` the mean KL over those rows (NaN when there
+        is none). ``keys_attended`` is the mean number of distinct keys per
+        query. A budget too small for a method (``at_budget`` returns None,
+        e.g. the hybrid at 1) has no row. A method whose picture has a twin
+        that selects the same keys (``Method.same_result_as``) is measured
+        through it; ``time`` times the method itself.
     """
     import pandas as pd  # the table is for display; the methods need only torch
 
@@ -88,22 +111,33 @@ def budget_sweep(q, k, v, methods, budgets, *, proposals=None, seeds=(0, 1, 2, 3
     base = replace(config or Config(), causal=causal, scale=scale)
     proposals = [base.proposal] if proposals is None else [check_choice(p, "proposal", PROPOSALS) for p in proposals]
     ref, p = dense_attention(q, k, v, causal=causal, scale=scale, return_weights=True)
+    Lk = k.shape[2]
     rows = []
     for key in methods:
         method = METHODS[key]
         random = "proposal" in method.params
         for proposal in proposals if random else [""]:
             for budget in budgets:
-                cfg = method.at_budget(replace(base, proposal=proposal or base.proposal), budget)
+                cfg = method.at_budget(replace(base, proposal=proposal or base.proposal), budget, num_keys=Lk)
                 if cfg is None:
                     continue
                 run_seeds = seeds if random else seeds[:1]
-                errs, masses, tvs, keys = [], [], [], []
+                errs, unis, masses, tvs, keys = [], [], [], [], []
+                kl_rows = kl_count = 0
+                kl_sum = 0.0
                 for seed in run_seeds:
-                    r = method.run(q, k, v, replace(cfg, seed=seed))
-                    errs.append(relative_error(r.output, ref).mean().item())
-                    masses.append(mass_kept(p, r.mask).mean().item())
-                    tvs.append(total_variation(p, r.weights.to(p.dtype)).mean().item())
+                    with torch.no_grad():
+                        r = method.run_for_picture(q, k, v, replace(cfg, seed=seed))
+                    errs.append(relative_error(r.output, ref, reduce="all").item())
+                    unis.append(error_vs_uniform(r.output, ref, v, causal=causal, reduce="all").item())
+                    masses.append(mass_kept(p, r.mask, reduce="all").item())
+                    w = r.weights.to(p.dtype)
+                    tvs.append(total_variation(p, w, reduce="all").item())
+                    kl = kl_divergence(p, w)
+                    finite = torch.isfinite(kl)
+                    kl_rows += kl.numel()
+                    kl_count += int(finite.sum())
+                    kl_sum += torch.where(finite, kl, 0.0).sum().item()
                     keys.append(r.mask.sum(-1).double().mean().item())
                 t_ms = iqr_ms = float("nan")
                 if time:
@@ -113,11 +147,44 @@ def budget_sweep(q, k, v, methods, budgets, *, proposals=None, seeds=(0, 1, 2, 3
                 rows.append({
                     "method": key, "proposal": proposal, "budget": budget, "seeds": len(run_seeds),
                     "error_mean": statistics.fmean(errs), "error_std": statistics.pstdev(errs),
+                    "error_vs_uniform_mean": statistics.fmean(unis), "error_vs_uniform_std": statistics.pstdev(unis),
                     "mass_kept_mean": statistics.fmean(masses), "mass_kept_std": statistics.pstdev(masses),
-                    "tv_mean": statistics.fmean(tvs), "keys_attended": statistics.fmean(keys),
+                    "tv_mean": statistics.fmean(tvs),
+                    "kl_finite": kl_count / max(kl_rows, 1),
+                    "kl_mean": kl_sum / kl_count if kl_count else float("nan"),
+                    "keys_attended": statistics.fmean(keys),
                     "time_ms": t_ms, "time_iqr_ms": iqr_ms,
                 })
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def format_table(table, *, time: bool = False):
+    """The sweep's table for reading: each mean and std as one "mean ± std" column (std left out at one seed).
+
+    Columns: method, proposal, budget, seeds, error, error_vs_uniform,
+    mass_kept, tv, kl_finite, kl_mean ("-" where no row is finite),
+    keys_attended, and with ``time`` time_ms ("median ± IQR").
+    """
+    import pandas as pd
+
+    def num(x: float) -> str:
+        return "-" if x != x else f"{x:.4g}"  # x != x: NaN
+
+    def spread(mean: str, std: str, iqr: bool = False):
+        return [num(m) if (n == 1 and not iqr) or s != s else f"{num(m)} ± {num(s)}"
+                for m, s, n in zip(table[mean], table[std], table["seeds"])]
+
+    out = pd.DataFrame({
+        "method": table["method"], "proposal": table["proposal"], "budget": table["budget"], "seeds": table["seeds"],
+        "error": spread("error_mean", "error_std"),
+        "error_vs_uniform": spread("error_vs_uniform_mean", "error_vs_uniform_std"),
+        "mass_kept": spread("mass_kept_mean", "mass_kept_std"),
+        "tv": table["tv_mean"].map(num), "kl_finite": table["kl_finite"].map(num),
+        "kl_mean": table["kl_mean"].map(num), "keys_attended": table["keys_attended"].map(num),
+    })
+    if time:
+        out["time_ms"] = spread("time_ms", "time_iqr_ms", iqr=True)
+    return out
 
 
 def main(argv=None) -> int:
@@ -134,8 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic q, k, v")
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--methods", nargs="+", default=["topk", "sampling", "hybrid"], choices=sweepable(),
-                    metavar="METHOD", help=f"from {sweepable()}")
+    ap.add_argument("--methods", nargs="+", default=default_methods(), choices=sweepable(), metavar="METHOD",
+                    help=f"from {sweepable()} (default {default_methods()})")
     ap.add_argument("--proposals", nargs="+", default=["uniform"], choices=PROPOSALS,
                     help="proposals of the sampling methods, each run on its own (default uniform, the tail "
                          "vAttention samples; e.g. --proposals uniform lsh oracle to compare them)")
@@ -161,9 +228,9 @@ def main(argv=None) -> int:
                          causal=args.causal, time=args.time)
     print(f"# pattern={args.pattern} {params or ''} B={args.batch} H={args.heads} L={args.length} "
           f"D={args.head_dim} dtype={args.dtype} causal={args.causal} seeds={args.seeds} torch={torch.__version__}")
-    with_time = args.time
-    cols = [c for c in COLUMNS if with_time or not c.startswith("time")]
-    print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    print("# mean ± std over seeds; error: ||o - o_ref|| / ||o_ref||; error_vs_uniform: / ||o_uniform - o_ref||; "
+          "kl_mean: over the kl_finite share of rows (KL is inf where a key with weight is dropped)")
+    print(format_table(table, time=args.time).to_string(index=False))
     if args.csv:
         table.to_csv(args.csv, index=False)
     return 0

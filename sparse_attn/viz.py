@@ -12,16 +12,17 @@ import math
 from typing import NamedTuple, Sequence
 
 import numpy as np
+import plotly.colors
 import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
 from plotly.subplots import make_subplots
 
-from ._checks import check_choice, check_int
+from ._checks import check_choice, check_int, check_number
 from .i18n import t
 
 __all__ = [
-    "Pooled", "pool_map", "heatmap", "attention_maps", "head_grid", "budget_curve",
+    "Pooled", "pool_map", "heatmap", "attention_maps", "head_grid", "budget_curve", "CURVE_METRICS",
     "scaling_plot", "chunked_topk_figure", "MAX_CELLS", "MAX_TOKEN_LABELS",
 ]
 
@@ -207,18 +208,103 @@ def head_grid(weights, *, log: bool = False, max_cells: int = 128, pool: str = "
     return fig
 
 
-def budget_curve(df, *, x: str = "budget", y: str = "relative_error", color: str = "method",
+# Sweep columns (sparse_attn.sweep.COLUMNS) a budget curve can show, and the catalog key of each one's axis label.
+CURVE_METRICS = {
+    "error_mean": "viz.error_axis",
+    "error_vs_uniform_mean": "viz.error_vs_uniform_axis",
+    "tv_mean": "viz.tv_axis",
+}
+EXACT_SYMBOL = "diamond-open"
+
+
+def _decade_label(e: int) -> str:
+    return {-1: "0.1", 0: "1", 1: "10"}.get(e, f"10<sup>{e}</sup>".replace("-", "\u2212"))  # a typographic minus
+
+
+def budget_curve(df, *, x: str = "budget", y: str = "error_mean", color: str = "method",
                  title: str | None = None, x_title: str | None = None, y_title: str | None = None,
-                 names: dict[str, str] | None = None, lang: str = "en") -> go.Figure:
-    """Error against budget (keys or samples per query), one line per method, log x."""
+                 names: dict[str, str] | None = None, current: float | None = None,
+                 current_label: str | None = None, exact_below: float = 0.0, lang: str = "en") -> go.Figure:
+    """``y`` against budget (keys or samples per query), one line per ``color`` group, on log-log axes.
+
+    ``y`` is a column of ``df``, e.g. one of ``CURVE_METRICS`` (a sweep
+    table's columns; the axis and the default title name it) or any positive
+    quantity (then pass ``y_title``). A log axis cannot show 0: points with
+    ``y <= exact_below`` (exact, up to rounding) are drawn at a floor one
+    decade below the smallest other value, with an open diamond; that tick
+    reads "exact" and a legend entry says so. Non-finite values leave a gap.
+    The x ticks are the budgets themselves, the y ticks one per decade (every
+    other decade beyond eight). ``current`` draws a dashed vertical line at
+    that budget, labelled ``current_label`` (default: the reader's current
+    settings, with the value).
+    """
+    if check_number(exact_below, "exact_below") < 0:
+        raise ValueError(f"exact_below must be >= 0 (a log axis shows no value <= 0), got {exact_below}")
+    if current is not None:
+        check_number(current, "current", positive=True)
+    for col in (x, y, color):
+        if col not in df.columns:
+            raise ValueError(f"df has no column {col!r} (columns: {list(df.columns)})")
+    label = y_title or (t(CURVE_METRICS[y], lang) if y in CURVE_METRICS else y)
+
+    def exact_of(values: np.ndarray) -> np.ndarray:
+        return np.isfinite(values) & (values <= exact_below)
+
+    values = df[y].to_numpy(dtype=float)
+    exact = exact_of(values)
+    shown = values[np.isfinite(values) & ~exact]
+    lo = math.floor(math.log10(shown.min())) if shown.size else 0
+    hi = max(math.ceil(math.log10(shown.max())) if shown.size else 0, lo + 1)
+    floor_e = lo - 1 if exact.any() else None
+    first = lo if floor_e is None else floor_e
+    step = 1 if hi - first <= 8 else 2
+    ticks = list(range(first, hi + 1, step))
     fig = go.Figure()
-    for key, part in df.groupby(color, sort=False):
+    palette = plotly.colors.qualitative.Plotly
+    groups = list(df.groupby(color, sort=False))
+    # How many later groups are exact at each x: an exact marker is drawn larger by that many steps, so
+    # methods exact at the same budget nest as rings instead of hiding each other.
+    exact_x = [set(part[x].to_numpy(dtype=float)[exact_of(part[y].to_numpy(dtype=float))].tolist())
+               for _, part in groups]
+    for i, (key, part) in enumerate(groups):
         part = part.sort_values(x)
-        fig.add_trace(go.Scatter(x=part[x].to_numpy(), y=part[y].to_numpy(), mode="lines+markers",
-                                 name=(names or {}).get(key, str(key))))
-    fig.update_layout(title=title or t("viz.budget_title", lang),
-                      xaxis=dict(title=x_title or t("viz.budget_axis", lang), type="log"),
-                      yaxis=dict(title=y_title or t("viz.error_axis", lang), type="log"))
+        px, py = part[x].to_numpy(dtype=float), part[y].to_numpy(dtype=float)
+        is_exact = exact_of(py)
+        name, col = (names or {}).get(key, str(key)), palette[i % len(palette)]
+        main_y = np.where(np.isfinite(py) & ~is_exact, py, np.nan)  # NaN: plotly leaves a gap
+        fig.add_trace(go.Scatter(x=px, y=main_y, mode="lines+markers", name=name, legendgroup=str(key),
+                                 line=dict(color=col), marker=dict(color=col),
+                                 hovertemplate="%{x}: %{y:.3g}<extra>" + name + "</extra>"))
+        if is_exact.any():
+            fig.add_trace(go.Scatter(
+                x=px[is_exact], y=np.full(int(is_exact.sum()), 10.0 ** floor_e), customdata=py[is_exact],
+                mode="markers", name=name, legendgroup=str(key), showlegend=False,
+                marker=dict(color=col, symbol=EXACT_SYMBOL, line=dict(width=2, color=col),
+                            size=[9 + 5 * sum(b in later for later in exact_x[i + 1:]) for b in px[is_exact]]),
+                hovertemplate="%{x}: %{customdata:.2g} (" + t("viz.exact_tick", lang) + ")<extra>" + name + "</extra>"))
+    if floor_e is not None:  # one legend entry explains every diamond
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=t("viz.exact_legend", lang),
+                                 marker=dict(color="#555", symbol=EXACT_SYMBOL, size=11, line=dict(width=2))))
+    budgets = sorted({float(b) for b in df[x].to_numpy(dtype=float) if math.isfinite(b) and b > 0})
+    fig.update_layout(
+        title=title or t("viz.budget_title", lang, metric=label[:1].upper() + label[1:]),
+        xaxis=dict(title=x_title or t("viz.budget_axis", lang), type="log", tickmode="array", tickvals=budgets,
+                   ticktext=[f"{b:g}" for b in budgets]),
+        yaxis=dict(title=label, type="log", tickmode="array", tickvals=[10.0 ** e for e in ticks],
+                   ticktext=[t("viz.exact_tick", lang) if e == floor_e else _decade_label(e) for e in ticks],
+                   range=[first - 0.15, hi + 0.1]),  # log10 units: whole decades, a little margin
+        legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0),  # the plot keeps the width
+        margin=dict(b=120),
+    )
+    if current is not None:
+        # Shapes take data values on a log axis (annotations would not): the label rides on the line,
+        # on the side with more room.
+        mid = (math.log10(budgets[0]) + math.log10(budgets[-1])) / 2 if budgets else 0.0
+        side = "left" if math.log10(current) <= mid else "right"
+        fig.add_shape(type="line", x0=current, x1=current, xref="x", y0=0, y1=1, yref="paper",
+                      line=dict(color="#444", dash="dash", width=1.5),
+                      label=dict(text=current_label or t("viz.current_budget", lang, value=f"{current:.3g}"),
+                                 textposition="end", textangle=0, xanchor=side, yanchor="top", font=dict(size=11)))
     return fig
 
 
@@ -243,9 +329,9 @@ def chunked_topk_figure(x, k: int, chunk_size: int, *, title: str | None = None,
 
     Row per chunk: its values as bars, the chunk's own top-k (candidates)
     highlighted. Last row: all values, with the final top-k (the merge of the
-    candidates, which equals ``torch.topk``) highlighted.
+    candidates, whose values equal ``torch.topk``'s; equal values: the lower index wins) highlighted.
     """
-    from .topk import chunked_topk
+    from .topk import chunked_topk, stable_topk
 
     x = torch.as_tensor(x, dtype=torch.float32).flatten()
     n = x.numel()
@@ -259,7 +345,7 @@ def chunked_topk_figure(x, k: int, chunk_size: int, *, title: str | None = None,
     idx = np.arange(n)
     for r, a in enumerate(starts, start=1):
         chunk = x[a : a + chunk_size]
-        cand = set((torch.topk(chunk, min(k, chunk.numel())).indices + a).tolist())
+        cand = set((stable_topk(chunk, min(k, chunk.numel())).indices + a).tolist())  # ties as chunked_topk breaks them
         colors = ["#d62728" if i in cand else "#c7c7c7" for i in range(a, a + chunk.numel())]
         fig.add_trace(go.Bar(x=idx[a : a + chunk.numel()], y=chunk.numpy(), marker_color=colors, showlegend=False), r, 1)
     colors = ["#1f77b4" if i in final else "#c7c7c7" for i in range(n)]

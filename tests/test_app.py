@@ -149,7 +149,8 @@ def test_a_method_that_is_not_a_registry_method_falls_back_to_the_default(name):
 
 # The query-string keys of shared links; the URL must keep reading them whatever the settings are called.
 URL_KEYS = ("lang", "source", "pattern", "text", "layer", "L", "H", "D", "method", "k", "samples", "proposal", "block",
-            "nblocks", "window", "chunk", "causal", "device", "dtype", "seed", "head", "log", "pool", "view")
+            "nblocks", "window", "initial", "local", "sinks", "tokens", "page", "chunk", "causal", "device", "dtype",
+            "seed", "head", "log", "pool", "view")
 
 
 def test_the_url_keeps_its_short_keys_and_maps_them_to_the_setting_names():

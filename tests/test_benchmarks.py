@@ -74,7 +74,7 @@ def test_bad_cases_are_named():
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_registry_method_is_measured_through_the_registry(method):
     case = Case.build(method=method, length=64, heads=4, kv_heads=2, head_dim=8, top_k=4, num_samples=8,
-                      chunk_size=16, selection_block_size=8, num_selected_blocks=2, compress_block_size=8,
+                      chunk_size=16, selection_block_size=8, num_selected_blocks=3, compress_block_size=8,
                       compress_block_sliding_stride=4, sliding_window_size=8, causal=True)
     row = measure_case(case, timing=False)
     assert row["method"] == method and row["peak_extra_bytes"] >= 0

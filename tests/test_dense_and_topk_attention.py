@@ -1,4 +1,7 @@
 """dense_attention and topk_attention against float64 references."""
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +21,7 @@ def rand_qkv(B=2, H=4, Hkv=2, Lq=33, Lk=47, D=16, Dv=8, dtype=torch.float64, see
 
 
 def naive_topk_reference(q, k, v, top_k, causal, scale=None):
-    """Loop-per-row float64 reference: mask, pick the top_k allowed keys, softmax over them."""
+    """Loop-per-row float64 reference: mask, pick the top_k allowed keys (ties: lower index), softmax over them."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
@@ -31,9 +34,10 @@ def naive_topk_reference(q, k, v, top_k, causal, scale=None):
                 if len(allowed) == 0:
                     continue
                 s = (k[b, hk, allowed].double() @ q[b, h, i].double()) * scale
-                top = torch.topk(s, min(top_k, len(allowed)))
-                w = torch.softmax(top.values, -1)
-                out[b, h, i] = w @ v[b, hk, allowed[top.indices]].double()
+                top = torch.sort(s, descending=True, stable=True)  # the tie rule's reference
+                n = min(top_k, len(allowed))
+                w = torch.softmax(top.values[:n], -1)
+                out[b, h, i] = w @ v[b, hk, allowed[top.indices[:n]]].double()
     return out
 
 
@@ -89,8 +93,9 @@ def test_property_chunked_equals_unchunked(B, Hkv, G, Lq, Lk, D, top_k, causal, 
                               return_selection=True)
     torch.testing.assert_close(out, full, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out, naive_topk_reference(q, k, v, top_k, causal), rtol=1e-10, atol=1e-10)
-    # The same keys with the same weights, whatever the chunking.
+    # The same keys with the same weights, whatever the chunking, in the same order.
     torch.testing.assert_close(sel.to_dense(Lk), sel_full.to_dense(Lk), rtol=1e-10, atol=1e-10)
+    assert torch.equal(sel.indices, sel_full.indices)
     assert not out.isnan().any()
 
 
@@ -217,3 +222,27 @@ def test_bad_dtypes_and_devices():
         dense_attention(q.numpy(), k, v)
     with pytest.raises(ValueError, match="one device"):
         topk_attention(q, k.to("meta"), v, 2)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_negative_scale_ranks_lowest_dot_products(chunk_size):
+    q, k, v = rand_qkv(Lq=9, Lk=13)
+    for causal in (False, True):
+        out = topk_attention(q, k, v, 3, causal=causal, scale=-0.4, chunk_size=chunk_size)
+        torch.testing.assert_close(out, naive_topk_reference(q, k, v, 3, causal, scale=-0.4), rtol=1e-10, atol=1e-10)
+
+
+def test_fused_kernels_take_only_a_positive_scale(monkeypatch):
+    # The fused kernels rank raw dot products, so a scale <= 0 must stay on the reference path.
+    calls = []
+    fake = types.SimpleNamespace(triton_supports=lambda *a: True,
+                                 fused_topk_attention=lambda *a, **kw: calls.append(kw["scale"]) or torch.zeros(()))
+    monkeypatch.setitem(sys.modules, "sparse_attn.kernels.topk_fused", fake)
+    monkeypatch.setattr("sparse_attn.ops.topk.dispatch.use_triton", lambda *tensors: True)
+    q, k, v = rand_qkv(Lq=6, Lk=10)
+    topk_attention(q, k, v, 3, chunk_size=4, scale=0.5)
+    assert calls == [0.5]  # the fake kernel really is what a positive scale reaches
+    for scale in (-0.5, 0.0):
+        out = topk_attention(q, k, v, 3, chunk_size=4, scale=scale)
+        torch.testing.assert_close(out, naive_topk_reference(q, k, v, 3, False, scale=scale), rtol=1e-10, atol=1e-10)
+    assert calls == [0.5]

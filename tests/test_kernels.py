@@ -189,15 +189,22 @@ if INTERPRETED:
         assert torch.equal(idx.sort(-1).values, ref.indices.sort(-1).values)
         assert torch.allclose(vals.sort(-1).values, ref.values.sort(-1).values, rtol=1e-5, atol=1e-5)
 
-    def test_kernel_fused_topk_ties():
-        # Every key and value appears 4 times: the k-th score is tied, so which copy wins
-        # is free, and the output is the same whichever copies are picked.
+    def test_kernel_fused_topk_ties(monkeypatch):
+        # Every key appears 4 times in a row: the k-th score is tied, and the tie rule keeps
+        # the lowest-index copies (tests/test_tie_rule.py checks the rule on every path).
+        picks = []
+        select = topk_fused.fused_topk_select
+        spy = lambda *a, **kw: picks.append(select(*a, **kw)) or picks[-1]  # noqa: E731
+        monkeypatch.setattr(topk_fused, "fused_topk_select", spy)
         q = torch.randn(1, 2, 16, 16)
         k = torch.randn(1, 1, 16, 16).repeat_interleave(4, dim=2)
-        v = torch.randn(1, 1, 16, 8).repeat_interleave(4, dim=2)
+        v = torch.randn(1, 1, 64, 8)  # distinct values: picking another copy would change the output
         out = topk_fused.fused_topk_attention(q, k, v, 6, capacity=32, block_m=16, block_n=16)
-        ref = topk_attention(q.double(), k.double(), v.double(), 6)
+        ref, sel = topk_attention(q.double(), k.double(), v.double(), 6, return_selection=True)
         assert rel_err(out, ref) < 1e-5
+        # 4 segments < top_k: all 64 keys are candidates, over capacity, so every row is redone exactly.
+        idx = picks[0].indices
+        assert torch.equal(idx.view(2, 16, 6), sel.indices[0].sort(-1).values)  # ascending key index
 
     def test_kernel_fused_topk_through_topk_attention_dispatch(monkeypatch):
         # Let the dispatch take CPU tensors (the interpreter runs them): topk_attention's streaming
@@ -224,6 +231,8 @@ if INTERPRETED:
             topk_fused.fused_topk_attention(q, q, q, 4, capacity=2)
         with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
             topk_fused.fused_topk_attention(q.double(), q.double(), q.double(), 2)
+        with pytest.raises(ValueError, match="scale must be a finite number > 0"):  # it ranks raw q.k
+            topk_fused.fused_topk_attention(q, q, q, 2, scale=-0.5)
 
 
 def test_dispatch_stays_on_torch_for_cpu(monkeypatch):

@@ -27,7 +27,7 @@ from tests.triton_interpreter import INTERPRETED, run_kernel_tests  # noqa: E402
 if not INTERPRETED:
 
     def test_compressed_kernel_under_triton_interpreter():
-        run_kernel_tests(__file__, min_passed=12)
+        run_kernel_tests(__file__, min_passed=13)
 
     def test_dispatch_stays_on_pytorch_off_cuda(monkeypatch):
         # On the CPU the kernel is never called: poison it and nsa_attention must still work.
@@ -37,7 +37,7 @@ if not INTERPRETED:
         monkeypatch.setattr(cmp, "compressed_attention_triton", boom)
         q, k, v = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
         out = nsa.nsa_attention(q, k, v, gates=(0.3, 0.4, 0.3), sliding_window_size=8, compress_block_size=8,
-                                compress_block_sliding_stride=4, selection_block_size=16, num_selected_blocks=2,
+                                compress_block_sliding_stride=4, selection_block_size=16, num_selected_blocks=3,
                                 causal=True)
         assert out.shape == (1, 4, 64, 16) and not out.isnan().any()
 
@@ -129,13 +129,57 @@ if INTERPRETED:
         monkeypatch.setattr(cmp, "compressed_attention_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
         q, k, v = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
         kw = dict(gates=(0.5, 0.3, 0.2), sliding_window_size=8, compress_block_size=8,
-                  compress_block_sliding_stride=4, selection_block_size=16, num_selected_blocks=2, causal=True)
+                  compress_block_sliding_stride=4, selection_block_size=16, num_selected_blocks=3, causal=True)
         with torch.no_grad():
             out = nsa.nsa_attention(q, k, v, **kw)
         monkeypatch.undo()
         ref = nsa.nsa_attention(q.double(), k.double(), v.double(), **kw)
         assert calls == [1]
         assert rel_err(out, ref) < 1e-5
+
+    def test_kernel_path_ranks_float32_importance_with_forced_blocks(monkeypatch):
+        # The fused path hands the kernel's importance to select_blocks: float32, with the forcing asked for
+        # (not the defaults). Its picks are the float64 reference's wherever float32 cannot reorder blocks.
+        from sparse_attn.kernels import selected_block
+        from sparse_attn.ops.nsa import attention
+
+        monkeypatch.setattr(cmp, "triton_supports", lambda *a: True)
+        monkeypatch.setattr(selected_block, "triton_supports", lambda *a: False)  # interpreted, it is slow here
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        calls, seen = [], []
+        real_kernel, real_select = cmp.compressed_attention_triton, attention.select_blocks
+        monkeypatch.setattr(cmp, "compressed_attention_triton", lambda *a, **k: calls.append(1) or real_kernel(*a, **k))
+
+        def select(imp, *a, **k):
+            seen.append((imp, k, real_select(imp, *a, **k)))
+            return seen[-1][2]
+
+        monkeypatch.setattr(attention, "select_blocks", select)
+        q, k, v = torch.randn(1, 4, 70, 16), torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16)
+        ni, nl = 2, 1
+        kw = dict(gates=(0.5, 0.3, 0.2), sliding_window_size=8, compress_block_size=8,
+                  compress_block_sliding_stride=4, selection_block_size=8, num_selected_blocks=5, causal=True,
+                  num_initial_blocks=ni, num_local_blocks=nl)
+        with torch.no_grad():
+            nsa.nsa_attention(q, k, v, **kw)
+        monkeypatch.undo()
+        assert calls == [1] and len(seen) == 1
+        imp, opts, got = seen[0]
+        assert imp.dtype == torch.float32
+        assert opts == {"causal": True, "num_initial_blocks": ni, "num_local_blocks": nl}
+        _, ref = reference(q, k, v, 8, 4, 8, True)
+        want = nsa.select_blocks(ref, 5, 8, causal=True, num_initial_blocks=ni, num_local_blocks=nl)
+        forced = nsa.forced_blocks(70, 9, 8, causal=True, num_initial_blocks=ni, num_local_blocks=nl)
+        for i in range(70):  # forced blocks first, ascending, in every row
+            n = int(forced[i].sum())
+            assert torch.equal(got[0, :, i, :n], forced[i].nonzero().flatten().expand(2, n))
+        # Every row picks blocks of the reference's importance (to float32 rounding) ...
+        picked = lambda idx: ref.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, -1).sort(-1).values  # noqa: E731
+        torch.testing.assert_close(picked(got), picked(want), rtol=0, atol=1e-5)
+        # ... and the very same blocks where the float64 importance leaves a margin between any two.
+        vals = ref.sort(dim=-1, descending=True).values
+        clear = (vals[..., :-1] - vals[..., 1:]).where(vals[..., 1:] > 0, 1.0).min(-1).values > 1e-4
+        assert clear.float().mean() > 0.5 and torch.equal(got[clear], want[clear])
 
     def test_kernel_rejects_bad_input():
         q, kc = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 3, 16)

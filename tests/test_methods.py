@@ -1,5 +1,8 @@
 """The method registry: uniform results that agree with the dense reference, and the app's memory budget."""
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -23,7 +26,7 @@ def _expand(v, H):
 
 
 CFG = Config(top_k=6, num_samples=8, chunk_size=7, compress_block_size=4, selection_block_size=4,
-             num_selected_blocks=2, sliding_window_size=5)
+             num_selected_blocks=4, sliding_window_size=5, num_sink_tokens=2, token_budget=6, page_size=4)
 
 
 @pytest.mark.parametrize("key", sorted(k for k, m in METHODS.items() if m.run is not None))
@@ -100,12 +103,28 @@ def test_allowed_pairs_counts_the_mask(Lq, Lk, causal):
     ("topk", Config(top_k=-3), "k_too_small"),
     ("sampling", Config(num_samples=0), "must_be_positive"),
     ("nsa", Config(sliding_window_size=0), "must_be_positive"),
+    ("nsa", Config(num_local_blocks=-1), "must_be_non_negative"),
+    ("nsa", Config(num_selected_blocks=2), "forced_blocks"),  # the default forces 1 + 2 blocks
+    ("streaming_llm", Config(num_sink_tokens=-1), "must_be_non_negative"),
+    ("streaming_llm", Config(sliding_window_size=-4), "must_be_non_negative"),
+    ("streaming_llm", Config(num_sink_tokens=0, sliding_window_size=0), "no_keys"),
+    ("quest", Config(token_budget=0), "must_be_positive"),
+    ("quest", Config(page_size=0), "must_be_positive"),
+    ("quest", Config(page_size=9), "page_too_large"),  # 8 keys
 ])
 def test_bad_settings_raise_translatable_errors(key, cfg, code):
+    from sparse_attn.i18n import LANGS, t
+
     q, k, v = _qkv(L=8)
-    with pytest.raises(SettingError) as info:
-        METHODS[key].run(q, k, v, cfg)
-    assert info.value.code == code and isinstance(info.value, ValueError)
+    for call in (METHODS[key].run, METHODS[key].forward):
+        with pytest.raises(SettingError) as info:
+            call(q, k, v, cfg)
+        assert info.value.code == code and isinstance(info.value, ValueError)
+    # Both catalogs can say it (the app names the setting by its label there).
+    if code != "k_too_small":
+        assert "setting" in info.value.params
+    for lang in LANGS:
+        assert t(f"err.{code}", lang, **info.value.params)
 
 
 def test_budget_refuses_and_names_the_setting():
@@ -153,3 +172,103 @@ def test_registry_roles():
     assert choices("reference") == ["dense"] and "topk_full" in choices("timing")
     with pytest.raises(ValueError, match="method"):
         check_budget("nope", shape_of(*_qkv(L=4)), Config())
+
+
+# ---- the baselines from the literature: StreamingLLM and Quest ------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Hkv", [1, 4])
+def test_streaming_llm_cost_counts_exactly_the_keys_it_reads(causal, Hkv):
+    q, k, v = _qkv(H=4, Hkv=Hkv, L=37)
+    for sinks, window in ((4, 6), (0, 3), (5, 0), (3, 40)):
+        cfg = Config(num_sink_tokens=sinks, sliding_window_size=window, causal=causal)
+        r = METHODS["streaming_llm"].run(q, k, v, cfg)
+        keys = r.mask.sum(-1).double().mean().item()
+        assert r.cost.keys_attended == pytest.approx(keys) and r.cost.keys_scored == r.cost.keys_attended
+        assert r.cost == METHODS["streaming_llm"].cost(shape_of(q, k, v), cfg, 8)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_quest_cost_bounds_the_keys_and_counts_two_bounds_per_page(causal):
+    q, k, v = _qkv(H=4, Hkv=2, L=40)
+    for budget, page in ((8, 4), (9, 4), (6, 5), (40, 8)):
+        cfg = Config(token_budget=budget, page_size=page, causal=causal)
+        r = METHODS["quest"].run(q, k, v, cfg)
+        plan = METHODS["quest"].cost(shape_of(q, k, v), cfg, 8)
+        keys = r.mask.sum(-1).double().mean().item()
+        assert r.cost.keys_attended == pytest.approx(keys) and keys <= plan.keys_attended + 1e-9
+        pages = -(-40 // page)
+        eligible = [min(pages, i // page + 1) for i in range(40)] if causal else [pages] * 40
+        assert plan.keys_scored - plan.keys_attended == pytest.approx(2 * sum(eligible) / 40)
+        if not causal and 40 % page == 0:  # whole pages only: the estimate is the count
+            assert plan.keys_attended == keys == min(-(-budget // page), pages) * page
+    long = shape_of(*_qkv(L=8))._replace(Lq=4096, Lk=4096)
+    quest = METHODS["quest"].cost(long, Config(token_budget=64, page_size=16, causal=causal), 4)
+    dense = METHODS["dense"].cost(long, Config(causal=causal), 4)
+    assert quest.keys_scored < dense.keys_scored / 4 and quest.flops < dense.flops / 4
+
+
+def test_at_budget_sets_what_each_baseline_reads():
+    sl, quest = METHODS["streaming_llm"], METHODS["quest"]
+    assert sl.at_budget(Config(num_sink_tokens=4, causal=True), 10) == Config(num_sink_tokens=4, sliding_window_size=6,
+                                                                              causal=True)
+    assert sl.at_budget(Config(num_sink_tokens=4), 4) is None and sl.at_budget(Config(num_sink_tokens=0), 1) is not None
+    assert quest.at_budget(Config(), 48) == Config(token_budget=48)
+    q, k, v = _qkv(L=40)
+    for causal in (False, True):
+        for budget in (5, 8, 11):
+            r = sl.run(q, k, v, sl.at_budget(Config(num_sink_tokens=4, causal=causal), budget))
+            keys = r.mask.sum(-1)
+            # Both windows hold at most the budget with the sinks, and exactly it once far from the edges.
+            assert keys.max() <= budget and (keys[..., 20] == budget - (not causal and budget % 2 == 0)).all()
+            r = quest.run(q, k, v, quest.at_budget(Config(page_size=4, causal=causal), budget))
+            assert r.mask.sum(-1).max() <= -(-budget // 4) * 4
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_nsa_at_budget_fills_the_budget_with_blocks_after_the_forced_ones(causal):
+    nsa = METHODS["nsa"]
+    base = Config(compress_block_size=16, selection_block_size=16, sliding_window_size=32, causal=causal)
+    L = 256
+    compressed = math.ceil(((L - 16) // 16 + 1) * (0.5 if causal else 1.0))
+    window_keys = lambda w: w if causal else 2 * w - 1  # noqa: E731
+    for budget in (compressed + 49, compressed + 60, compressed + 100, compressed + 256):
+        cfg = nsa.at_budget(base, budget, num_keys=L)
+        nsa.validate(cfg)
+        used = compressed + cfg.num_selected_blocks * 16 + window_keys(cfg.sliding_window_size)
+        assert used <= budget and cfg.num_selected_blocks >= 3
+        if cfg.sliding_window_size < 32:  # shrunk only when the forced blocks leave too little
+            assert cfg.num_selected_blocks == 3 and budget - used <= 1
+        else:
+            assert budget - used < 16  # no room left for another block
+    assert nsa.at_budget(base, compressed + 48, num_keys=L) is None  # the forced blocks alone fill it
+    assert nsa.at_budget(base, 48) is None and nsa.at_budget(base, 49) is not None  # compressed keys not counted
+    off = nsa.at_budget(replace(base, num_initial_blocks=0, num_local_blocks=0), 17)
+    assert off.num_selected_blocks == 1  # the registry's selected branch keeps one block
+    assert nsa.at_budget(base, compressed + 200, num_keys=L).sliding_window_size == 32
+
+
+def test_every_sweepable_method_takes_the_key_length():
+    from sparse_attn.sweep import sweepable
+
+    assert {"streaming_llm", "quest", "nsa"} <= set(sweepable())
+    for key in sweepable():
+        for budget in (1, 64):
+            cfg = METHODS[key].at_budget(Config(), budget, num_keys=128)
+            assert cfg is None or isinstance(cfg, Config)
+
+
+def test_nsa_forced_blocks_reach_the_op():
+    from sparse_attn.ops.nsa import nsa_attention
+
+    q, k, v = _qkv(L=64, seed=3)
+    for initial, local in ((1, 2), (0, 0), (2, 1)):
+        cfg = Config(compress_block_size=8, selection_block_size=8, num_selected_blocks=3, sliding_window_size=4,
+                     num_initial_blocks=initial, num_local_blocks=local, causal=True)
+        ref = nsa_attention(q, k, v, gates=(1 / 3, 1 / 3, 1 / 3), sliding_window_size=4, compress_block_size=8,
+                            selection_block_size=8, num_selected_blocks=3, num_initial_blocks=initial,
+                            num_local_blocks=local, causal=True)
+        torch.testing.assert_close(METHODS["nsa"].run(q, k, v, cfg).output, ref, rtol=0, atol=0)
+    with_forced = METHODS["nsa"].run(q, k, v, replace(cfg, num_initial_blocks=1, num_local_blocks=2)).mask
+    without = METHODS["nsa"].run(q, k, v, replace(cfg, num_initial_blocks=0, num_local_blocks=0)).mask
+    assert not torch.equal(with_forced, without)

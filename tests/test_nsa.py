@@ -159,8 +159,11 @@ def test_sliding_window_matches_band_mask(causal, Lq, Lk):
 # --------------------------------------------------------------------------- the whole of NSA against a naive one
 
 
-def naive_nsa(q, k, v, gates, *, window, cbs, stride, sbs, nsel, causal, share, interp):
-    """NSA by loops over (batch, head, query); returns out, importance, and a function to check a selection."""
+def naive_nsa(q, k, v, gates, *, window, cbs, stride, sbs, nsel, causal, share, interp, forcing=(0, 0)):
+    """NSA by loops over (batch, head, query); returns out, importance, and a function to check a selection.
+
+    ``forcing`` = (initial, local) blocks every query takes whatever their importance (the NSA paper's 1 and 2).
+    """
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
@@ -196,16 +199,25 @@ def naive_nsa(q, k, v, gates, *, window, cbs, stride, sbs, nsel, causal, share, 
     out_win = masked_attention(q, k, v, win.expand(B, H, L, L))
 
     def check_selection(block_indices):
-        """Assert the picks form a valid top-nsel set of eligible blocks; return the naive selected output."""
+        """Assert the picks are the forced blocks, then a valid top set of the other eligible blocks.
+
+        Returns the naive selected output.
+        """
         S = min(nsel, Ns)
         assert block_indices.shape == (*imp.shape[:3], S)
+        n_init, n_local = forcing
         for idx in itertools.product(*map(range, imp.shape[:3])):
             i = idx[2]
-            elig = [s for s in range(Ns) if imp[idx][s] > 0 and (not causal or s * sbs <= i)]
-            want = sorted((imp[idx][s].item() for s in elig), reverse=True)[:S]
+            own = i // sbs
+            forced = sorted({s for s in range(min(n_init, Ns)) if not causal or s * sbs <= i}
+                            | {s for s in range(own - n_local + 1, own + 1) if 0 <= s < Ns})
+            elig = [s for s in range(Ns) if s not in forced and imp[idx][s] > 0 and (not causal or s * sbs <= i)]
+            want = sorted((imp[idx][s].item() for s in elig), reverse=True)[: S - len(forced)]
             got = [s for s in block_indices[idx].tolist() if s >= 0]
-            assert len(set(got)) == len(got) and set(got) <= set(elig), (idx, got, elig)
-            np.testing.assert_allclose(sorted((imp[idx][s].item() for s in got), reverse=True), want, rtol=1e-12)
+            assert got[: len(forced)] == forced, (idx, got, forced)
+            rest = got[len(forced):]
+            assert len(set(got)) == len(got) and set(rest) <= set(elig), (idx, got, elig)
+            np.testing.assert_allclose(sorted((imp[idx][s].item() for s in rest), reverse=True), want, rtol=1e-12)
         mask = token_mask(block_indices, sbs, H, L, causal)
         return masked_attention(q, k, v, mask)
 
@@ -222,6 +234,7 @@ NAIVE_CASES = [
     (19, 4, 2, 2, 4, 2, 8, 2),
     (19, 2, 2, 5, 4, 3, 2, 3),
     (13, 4, 1, 1, 3, 1, 5, 1),
+    (21, 4, 2, 2, 4, 2, 2, 5),  # two slots beyond the three forced blocks
     (3, 4, 2, 2, 4, 4, 2, 2),  # shorter than a block
 ]
 
@@ -229,18 +242,25 @@ NAIVE_CASES = [
 @pytest.mark.parametrize("case", NAIVE_CASES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("share", [True, False])
-@pytest.mark.parametrize("interp", [False, True])
-def test_nsa_matches_naive_reference(case, causal, share, interp):
+# Forcing does not depend on how importance is mapped: checked with the overlap mapping only.
+@pytest.mark.parametrize("interp,forced", [(False, False), (True, False), (False, True)],
+                         ids=["overlap", "interpolated", "overlap-forced"])
+def test_nsa_matches_naive_reference(case, causal, share, interp, forced):
     L, H, Hkv, window, cbs, stride, sbs, nsel = case
+    # As many of NSA's forced blocks (1 initial, 2 local) as nsel holds. Importance still fills slots: those
+    # left when the forced blocks coincide (queries in the first blocks) and, with nsel > 3, the rest.
+    n_init = min(1, nsel - 1)
+    forcing = (n_init, min(2, nsel - n_init)) if forced else (0, 0)
     q, k, v = rand_qkv(B=2, H=H, Hkv=Hkv, Lq=L, D=4)
     gates = torch.rand(2, H, L, 3, dtype=F64)
     out, maps = nsa_attention(
         q, k, v, gates=gates, sliding_window_size=window, compress_block_size=cbs, compress_block_sliding_stride=stride,
         selection_block_size=sbs, num_selected_blocks=nsel, causal=causal, query_heads_share_selected_kv=share,
-        interpolated_importance_score=interp, return_maps=True,
+        interpolated_importance_score=interp, num_initial_blocks=forcing[0], num_local_blocks=forcing[1],
+        return_maps=True,
     )
     imp, check_selection, combine = naive_nsa(q, k, v, gates, window=window, cbs=cbs, stride=stride, sbs=sbs,
-                                              nsel=nsel, causal=causal, share=share, interp=interp)
+                                              nsel=nsel, causal=causal, share=share, interp=interp, forcing=forcing)
     torch.testing.assert_close(maps.importance, imp, rtol=1e-12, atol=1e-14)
     ref = combine(check_selection(maps.block_indices))
     torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-12)
@@ -261,7 +281,7 @@ def test_nsa_matches_naive_reference(case, causal, share, interp):
 def test_window_covering_everything_is_dense(causal):
     q, k, v = rand_qkv(B=2, H=4, Hkv=2, Lq=17)
     out = nsa_attention(q, k, v, gates=(0.0, 0.0, 1.0), sliding_window_size=17, compress_block_size=4,
-                        selection_block_size=4, num_selected_blocks=2, causal=causal)
+                        selection_block_size=4, num_selected_blocks=3, causal=causal)
     torch.testing.assert_close(out, dense_attention(q, k, v, causal=causal), rtol=1e-12, atol=1e-12)
 
 
@@ -305,7 +325,7 @@ def test_causal_prefix_is_unchanged_by_the_future(gates, interp):
 
 def test_module_gradients_reach_every_parameter():
     m = SparseAttention(32, 8, 4, kv_heads=2, causal=True, sliding_window_size=2, compress_block_size=4,
-                        selection_block_size=4, num_selected_blocks=2, use_diff_topk=True)
+                        selection_block_size=4, num_selected_blocks=4, use_diff_topk=True)
     x = torch.randn(2, 20, 32, requires_grad=True)
     m(x).square().sum().backward()
     for name, p in itertools.chain(m.named_parameters(), [("x", x)]):
@@ -323,7 +343,7 @@ def test_diff_topk_sends_gradient_through_the_selection(share):
             t.grad = None
         # Only the selected branch counts: any gradient on the compressors came through the selection.
         out = nsa_attention(q, k, v, gates=(0.0, 1.0, 0.0), sliding_window_size=2, compress_block_size=4,
-                            selection_block_size=4, num_selected_blocks=2, causal=True, use_diff_topk=diff,
+                            selection_block_size=4, num_selected_blocks=4, causal=True, use_diff_topk=diff,
                             query_heads_share_selected_kv=share, compress_fn=(kc, vc))
         out.square().sum().backward()
         grads[diff] = kc.proj.weight.grad
@@ -347,17 +367,35 @@ def test_diff_topk_does_not_change_the_forward_pass():
 
 @pytest.mark.parametrize("L", [1, 3])
 def test_shorter_than_a_block_only_the_window_answers(L):
+    # Forcing off: no compressed block has ended, so nothing is scored and nothing is selected.
     q, k, v = rand_qkv(B=2, H=4, Hkv=2, Lq=L)
     for causal in (False, True):
         out, maps = nsa_attention(q, k, v, gates=(0.5, 0.5, 0.5), sliding_window_size=2, compress_block_size=4,
-                                  selection_block_size=2, num_selected_blocks=2, causal=causal, return_maps=True)
+                                  selection_block_size=2, num_selected_blocks=2, causal=causal, return_maps=True,
+                                  num_initial_blocks=0, num_local_blocks=0)
         win = sliding_window_attention(q, k, v, 2, causal=causal)
         torch.testing.assert_close(out, 0.5 * win, rtol=1e-12, atol=1e-12)
         assert maps.compressed_weights.shape[-1] == 0 and torch.all(maps.block_indices == -1)
 
 
+@pytest.mark.parametrize("L", [1, 3])
+def test_shorter_than_a_block_the_forced_blocks_still_answer(L):
+    # NSA's forced blocks need no importance: block 0 and the query's own block (2 tokens each here).
+    q, k, v = rand_qkv(B=2, H=4, Hkv=2, Lq=L)
+    for causal in (False, True):
+        out, maps = nsa_attention(q, k, v, gates=(0.5, 0.5, 0.5), sliding_window_size=2, compress_block_size=4,
+                                  selection_block_size=2, num_selected_blocks=3, causal=causal, return_maps=True)
+        i = torch.arange(L).view(-1, 1)
+        j = torch.arange(L)
+        seen = (j // 2 <= i // 2) & ((j <= i) if causal else True)  # blocks 0 .. own: all forced at L <= 3
+        sel = masked_attention(q, k, v, seen.expand(2, 4, L, L))
+        win = sliding_window_attention(q, k, v, 2, causal=causal)
+        torch.testing.assert_close(out, 0.5 * sel + 0.5 * win, rtol=1e-12, atol=1e-12)
+        assert maps.compressed_weights.shape[-1] == 0 and maps.forced.sum(-1).gt(0).all()
+
+
 def test_module_bad_input():
-    kw = dict(sliding_window_size=2, compress_block_size=4, selection_block_size=4, num_selected_blocks=2)
+    kw = dict(sliding_window_size=2, compress_block_size=4, selection_block_size=4, num_selected_blocks=3)
     with pytest.raises(ValueError, match=r"heads \(8\) must be a multiple of kv_heads \(3\)"):
         SparseAttention(64, 8, 8, kv_heads=3, **kw)
     for name in ("sliding_window_size", "compress_block_size", "selection_block_size"):
@@ -379,7 +417,7 @@ def test_module_bad_input():
 def test_functional_bad_input():
     q, k, v = rand_qkv(B=1, H=4, Hkv=2, Lq=8)
     kw = dict(gates=(1.0, 1.0, 1.0), sliding_window_size=2, compress_block_size=4, selection_block_size=4,
-              num_selected_blocks=2)
+              num_selected_blocks=3)
     with pytest.raises(ValueError, match="multiple of k/v's heads"):
         nsa_attention(q, k[:, :0].repeat(1, 3, 1, 1), v[:, :0].repeat(1, 3, 1, 1), **kw)
     with pytest.raises(ValueError, match="compress_block_sliding_stride must be between 1"):
@@ -412,7 +450,8 @@ def _seed_module(kv_heads, causal, sbs, nsel, diff, share, interp):
 
 @pytest.mark.parametrize("interpolated_importance_score", [False, True])
 @pytest.mark.parametrize("query_heads_share_selected_kv", [False, True])
-@pytest.mark.parametrize("num_selected_blocks", [0, 2])
+# 3, not the seed's 2: the smallest n that holds NSA's 1 initial and 2 local forced blocks.
+@pytest.mark.parametrize("num_selected_blocks", [0, 3])
 @pytest.mark.parametrize("selection_block_size", [8, 4, 2])
 @pytest.mark.parametrize("kv_heads", [8, 4])
 @pytest.mark.parametrize("seq_len", [1, 4, 31, 32, 120])

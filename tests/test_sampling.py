@@ -1,4 +1,5 @@
 """Importance-sampled attention against float64 dense attention."""
+import itertools
 import math
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparse_attn.ops.dense import dense_attention
-from sparse_attn.ops.sampling import PROPOSALS, proposal_probs, sampled_attention
+from sparse_attn.ops.dense import causal_mask, dense_attention
+from sparse_attn.ops.sampling import LSH_UNIFORM_MIX, PROPOSALS, proposal_probs, sampled_attention, simhash_codes
 
 F64 = torch.float64
 
@@ -90,7 +91,7 @@ def test_reproducible_with_generator(proposal):
     q, k, v = _qkv(2, 2, 1, 8, 64, 8, 4)
     run = lambda seed: sampled_attention(q, k, v, 5, proposal=proposal, top_k=2, return_selection=True,  # noqa: E731
                                          generator=torch.Generator().manual_seed(seed))
-    (a, sa), (b, sb), (c, sc) = run(7), run(7), run(8)
+    (a, sa), (b, sb), (_, sc) = run(7), run(7), run(8)
     assert torch.equal(a, b) and torch.equal(sa.indices, sb.indices)
     assert not torch.equal(sa.indices, sc.indices)
 
@@ -147,6 +148,74 @@ def test_lsh_prefers_keys_aligned_with_the_query():
     assert p[..., 10].item() > 10 / 256
 
 
+def _lsh_reference(qg, k, tail, planes):
+    """The LSH proposal from its definition, one row at a time, in float64.
+
+    Row i hashes its tail keys R centred on their mean c_i; in table t it puts 1/|bucket| on each tail key
+    sharing the query's bucket (1/|R| on all of R when none does); the tables are averaged and mixed with
+    LSH_UNIFORM_MIX of uniform.
+    """
+    B, Hkv, G, Lq, _ = qg.shape
+    Lk, T = k.shape[2], planes.shape[0]
+    pi = torch.zeros(B, Hkv, G, Lq, Lk, dtype=F64)
+    for b, h, g, i in itertools.product(range(B), range(Hkv), range(G), range(Lq)):
+        R = tail[b, h, g, i].nonzero().flatten()
+        if len(R) == 0:
+            continue
+        code_q = simhash_codes(qg[b, h, g, i], planes)
+        code_k = simhash_codes(k[b, h, R], planes, centre=k[b, h, R].mean(0))
+        row = torch.zeros(Lk, dtype=F64)
+        for t in range(T):
+            bucket = R[code_k[:, t] == code_q[t]]
+            if len(bucket):
+                row[bucket] += 1 / len(bucket)
+            else:
+                row[R] += 1 / len(R)
+        row[R] = row[R] * (1 - LSH_UNIFORM_MIX) / T + LSH_UNIFORM_MIX / len(R)
+        pi[b, h, g, i] = row
+    return pi
+
+
+@pytest.mark.parametrize("tail_kind", ["all", "causal", "random"])
+def test_lsh_proposal_matches_its_definition(tail_kind):
+    g = torch.Generator().manual_seed(4)
+    q, k, _ = _qkv(1, 4, 2, 6, 30, 8, 1, seed=9)
+    qg = q.view(1, 2, 2, 6, 8)
+    if tail_kind == "all":
+        tail = torch.ones(1, 1, 1, 6, 30, dtype=torch.bool)
+    elif tail_kind == "causal":
+        tail = causal_mask(6, 30, q_offset=20).expand(1, 2, 2, 6, 30)
+    else:
+        tail = torch.rand(1, 2, 2, 6, 30, generator=g) < 0.4
+    bits, tables = 3, 5
+    got = proposal_probs(qg, k, tail, "lsh", generator=torch.Generator().manual_seed(7), bits=bits, tables=tables)
+    planes = torch.randn(tables, 8, bits, generator=torch.Generator().manual_seed(7), dtype=F64)
+    want = _lsh_reference(qg, k, tail.expand(1, 2, 2, 6, 30), planes)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_top_k_ties_go_to_the_lower_key_index(causal):
+    # Small integers make equal scores exactly equal, however the product is summed.
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(-1, 2, (1, 2, 12, 4), generator=g).to(F64)
+    k = torch.randint(-1, 2, (1, 1, 12, 4), generator=g).to(F64)
+    v = torch.randn(1, 1, 12, 3, generator=g, dtype=F64)
+    top_k, n = 3, 2
+    _, sel = sampled_attention(q, k, v, n, proposal="uniform", top_k=top_k, causal=causal, scale=1.0,
+                               return_selection=True, generator=torch.Generator().manual_seed(0))
+    s = torch.einsum("bhid,bhjd->bhij", q, k.expand(1, 2, 12, 4))
+    ties_at_cut = 0
+    for h, i in itertools.product(range(2), range(12)):
+        keys = range(i + 1) if causal else range(12)
+        if len(keys) <= top_k + n:
+            continue  # an exact row
+        ranked = sorted(keys, key=lambda j: (-s[0, h, i, j].item(), j))
+        ties_at_cut += s[0, h, i, ranked[top_k - 1]].item() == s[0, h, i, ranked[top_k]].item()
+        assert sorted(sel.indices[0, h, i, :top_k].tolist()) == sorted(ranked[:top_k]), (h, i)
+    assert ties_at_cut >= 5  # the input does test the rule
+
+
 def test_bad_input():
     q, k, v = _qkv(1, 2, 1, 4, 10, 4, 3)
     with pytest.raises(ValueError, match="num_samples"):
@@ -157,6 +226,12 @@ def test_bad_input():
         sampled_attention(q, k, v, 2, proposal="gaussian")
     with pytest.raises(TypeError, match="num_samples"):
         sampled_attention(q, k, v, 2.0)
+    with pytest.raises(ValueError, match="lsh_bits must be <= 30"):
+        sampled_attention(q, k, v, 2, lsh_bits=31)
+    with pytest.raises(ValueError, match="lsh_bits must be >= 1"):
+        sampled_attention(q, k, v, 2, lsh_bits=0)
+    with pytest.raises(ValueError, match="lsh_tables must be >= 1"):
+        sampled_attention(q, k, v, 2, lsh_tables=0)
     with pytest.raises(TypeError, match="generator"):
         sampled_attention(q, k, v, 2, generator=0)
     qm, km, vm = (t.to("meta") for t in (q, k, v))  # no second real device on the CI machine

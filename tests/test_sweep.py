@@ -1,5 +1,6 @@
 """The budget sweep: its table, its exact limit, and its CLI."""
 import math
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -7,10 +8,10 @@ import torch
 
 from sparse_attn.ops.dense import dense_attention
 from sparse_attn.ops.topk import topk_attention
-from sparse_attn.metrics import relative_error
+from sparse_attn.metrics import error_vs_uniform, kl_divergence, relative_error
 from sparse_attn.methods import METHODS as REGISTRY, Config
 from sparse_attn.ops.sampling import sampled_attention
-from sparse_attn.sweep import COLUMNS, budget_sweep, main, sweepable
+from sparse_attn.sweep import COLUMNS, budget_sweep, default_methods, format_table, main, sweepable
 
 F64 = torch.float64
 METHODS = ["topk", "sampling", "hybrid"]
@@ -27,10 +28,13 @@ def _qkv(Lq=6, Lk=24, seed=0):
 
 
 def test_only_registry_keys_a_budget_drives():
-    assert sweepable() == ["topk", "topk_full", "sampling", "hybrid"]
-    assert all(m in REGISTRY for m in sweepable())
+    assert {"topk", "topk_full", "sampling", "hybrid", "nsa", "streaming_llm", "quest"} <= set(sweepable())
+    assert all(REGISTRY[m].at_budget is not None and REGISTRY[m].run is not None for m in sweepable())
+    assert not {"dense", "nsa_selected", "seed_topk"} & set(sweepable())
+    # The command line's default: the methods a reader picks, without the timing twin.
+    assert default_methods() == [m for m in sweepable() if m != "topk_full"]
     q, k, v = _qkv()
-    for bad in ("sampled", "sampled:lsh", "hybrid:lsh", "nsa", "dense", ""):
+    for bad in ("sampled", "sampled:lsh", "hybrid:lsh", "nsa_selected", "dense", ""):
         with pytest.raises(ValueError, match="method must be"):
             budget_sweep(q, k, v, [bad], [4])
     with pytest.raises(ValueError, match="proposal must be"):
@@ -62,12 +66,15 @@ def test_table_and_full_budget(causal):
     full = table[table.budget >= 24]
     assert (full.error_mean < 1e-10).all() and (full.error_std < 1e-10).all()
     assert (full.mass_kept_mean > 1 - 1e-12).all() and (full.tv_mean < 1e-12).all()
+    assert (full.error_vs_uniform_mean < 1e-10).all() and (full.kl_finite == 1).all() and (full.kl_mean.abs() < 1e-12).all()
     small = table[table.budget == 3]
     assert (small.error_mean > 1e-3).all()
     # Deterministic top-k runs once; sampled methods run every seed and vary across them.
     assert small.set_index("method").loc["topk", "seeds"] == 1 and small.set_index("method").loc["topk", "error_std"] == 0
     assert (small[small.method != "topk"].seeds == 3).all()
     assert (small[small.method == "sampling"].error_std > 0).all()
+    # Three of 24 keys drop weight on every row (causal rows 0..2 see at most 3 keys: their KL is finite).
+    assert (small[small.method == "topk"].kl_finite == (3 / 6 if causal else 0.0)).all()
     assert table.time_ms.isna().all()
 
 
@@ -103,9 +110,60 @@ def test_bad_input():
 def test_cli_writes_csv(tmp_path, capsys):
     path = tmp_path / "sweep.csv"
     assert main(["--pattern", "peaked", "--length", "64", "--heads", "2", "--head-dim", "32", "--budgets", "4", "64",
-                 "--methods", "topk", "hybrid", "--seeds", "2", "--csv", str(path)]) == 0
+                 "--methods", "topk", "hybrid", "nsa", "streaming_llm", "quest", "--seeds", "2", "--csv", str(path)]) == 0
     printed = capsys.readouterr().out
-    assert "pattern=peaked" in printed and "hybrid" in printed
+    assert "pattern=peaked" in printed and "error_vs_uniform" in printed and "±" in printed
     table = pd.read_csv(path)
-    assert list(table.columns) == COLUMNS and len(table) == 4
-    assert (table[table.budget == 64].error_mean < 1e-10).all()
+    assert list(table.columns) == COLUMNS
+    assert set(table.method) == {"topk", "hybrid", "nsa", "streaming_llm", "quest"}
+    # No StreamingLLM row at 4 (its 4 sinks fill it) nor NSA row (its compressed keys alone need more).
+    assert table.groupby("method").size().to_dict() == {"topk": 2, "hybrid": 2, "nsa": 1, "streaming_llm": 1, "quest": 2}
+    # A budget of every key is exact for these; NSA's gates mix its branches, and a non-causal window of
+    # 64 keys leaves the first and last queries without the far end.
+    exact = table[(table.budget == 64) & table.method.isin(["topk", "hybrid", "quest"])]
+    assert len(exact) == 3 and (exact.error_mean < 1e-10).all() and (exact.error_vs_uniform_mean < 1e-10).all()
+    assert (table[table.method.isin(["nsa", "streaming_llm"])].error_mean > 1e-6).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_method_matches_direct_calls(causal):
+    q, k, v = _qkv(Lq=20, Lk=64, seed=2)
+    ref, p = dense_attention(q, k, v, causal=causal, return_weights=True)
+    base = Config(causal=causal, proposal="uniform")
+    table = budget_sweep(q, k, v, default_methods(), [6, 60], proposals=["uniform"], seeds=[3], causal=causal,
+                         config=base)
+    assert set(table.method) == set(default_methods())  # NSA, StreamingLLM and Quest among them
+    for row in table.itertuples():
+        cfg = REGISTRY[row.method].at_budget(base, row.budget, num_keys=64)
+        r = REGISTRY[row.method].run(q, k, v, replace(cfg, seed=3))
+        assert row.error_mean == pytest.approx(relative_error(r.output, ref).mean().item(), rel=1e-9)
+        assert row.error_vs_uniform_mean == pytest.approx(
+            error_vs_uniform(r.output, ref, v, causal=causal, reduce="all").item(), rel=1e-9)
+        kl = kl_divergence(p, r.weights.to(p.dtype))
+        assert row.kl_finite == torch.isfinite(kl).double().mean().item()
+        assert row.keys_attended == pytest.approx(r.mask.sum(-1).double().mean().item(), rel=1e-12)
+    # A budget below the compressed keys and NSA's forced blocks has no NSA row; Quest reads whole pages.
+    assert 6 not in set(table[table.method == "nsa"].budget)
+    quest = table[table.method == "quest"].set_index("budget")
+    assert quest.loc[6, "keys_attended"] > 6
+
+
+def test_kl_is_not_averaged_over_infinite_rows():
+    q, k, v = _qkv(Lq=8, Lk=64, seed=3)
+    t = budget_sweep(q, k, v, ["topk", "nsa"], [4, 64], seeds=[0]).set_index(["method", "budget"])
+    assert t.loc[("topk", 4), "kl_finite"] == 0 and math.isnan(t.loc[("topk", 4), "kl_mean"])
+    assert t.loc[("topk", 64), "kl_finite"] == 1 and abs(t.loc[("topk", 64), "kl_mean"]) < 1e-12
+    # NSA's compressed branch weighs every key of a whole block: rows can be finite without being exact.
+    nsa = t.loc[("nsa", 64)]
+    assert nsa.kl_finite == 1 and nsa.kl_mean > 1e-3 and nsa.error_mean > 1e-3
+
+
+def test_format_table_joins_mean_and_spread():
+    q, k, v = _qkv()
+    table = budget_sweep(q, k, v, ["topk", "sampling"], [3], proposals=["uniform"], seeds=[0, 1])
+    shown = format_table(table).set_index("method")
+    assert list(shown.columns) == ["proposal", "budget", "seeds", "error", "error_vs_uniform", "mass_kept", "tv",
+                                   "kl_finite", "kl_mean", "keys_attended"]
+    s = table.set_index("method").loc["sampling"]
+    assert shown.loc["sampling", "error"] == f"{s.error_mean:.4g} ± {s.error_std:.4g}"
+    assert shown.loc["topk", "error"] == f"{table.error_mean[0]:.4g}" and shown.loc["topk", "kl_mean"] == "-"

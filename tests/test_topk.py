@@ -1,4 +1,10 @@
-"""chunked_topk and StreamingTopK against torch.topk, on random and adversarial inputs."""
+"""chunked_topk and StreamingTopK against torch.topk and a stable sort, on random and adversarial inputs.
+
+torch.topk gives the values; the indices follow the library's tie rule (the
+lower index wins among equal values), whose reference is the first k entries
+of ``torch.sort(x, descending=largest, stable=True)``. tests/test_tie_rule.py
+checks the rule on every path.
+"""
 import pytest
 import torch
 from hypothesis import given, settings
@@ -32,6 +38,10 @@ def assert_matches_topk(x, k, dim, chunk_size, largest=True, sorted=True):
     if k > 1:
         s = idx.movedim(dim, -1).sort(dim=-1).values
         assert bool((s[..., 1:] != s[..., :-1]).all())
+    # ... and are the stable sort's first k: in its order when sorted, else in ascending index.
+    if x.dim():
+        want = torch.sort(x, dim=dim, descending=largest, stable=True).indices.narrow(dim, 0, k)
+        assert torch.equal(idx, want if sorted else want.sort(dim=dim).values)
     return ours, ref
 
 

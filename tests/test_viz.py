@@ -1,5 +1,6 @@
 """viz: pooling that keeps what matters, one colour scale, labels in the reader's language."""
 import base64
+import math
 
 import numpy as np
 import pytest
@@ -142,8 +143,102 @@ def test_curves_are_log_log():
     fig = viz.scaling_plot(df, names={"a": "A"}, lang="zh")
     assert fig.layout.xaxis.type == fig.layout.yaxis.type == "log" and fig.data[0].name == "A"
     assert fig.layout.xaxis.title.text == t("viz.seq_len_axis", "zh")
-    b = viz.budget_curve(df.rename(columns={"seq_len": "budget", "median_ms": "relative_error"}))
-    assert len(b.data) == 2 and b.layout.xaxis.type == "log"
+    b = viz.budget_curve(df.rename(columns={"seq_len": "budget", "median_ms": "error_mean"}))
+    assert len(b.data) == 2 and b.layout.xaxis.type == "log" and b.layout.yaxis.type == "log"
+
+
+def _sweep_like(seed=0):
+    """A sweep-shaped table: three methods over budgets 1..256, one exact at the top budgets and one with a gap."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    budgets = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    rows = []
+    for method, slope in (("topk", 1.0), ("quest", 0.5), ("nsa", 0.1)):
+        for b in budgets:
+            err = float(rng.uniform(0.5, 2.0) * b ** -slope)
+            if method != "nsa" and b >= 128:
+                err = 0.0 if b == 256 else 3e-16  # exact, and exact up to rounding
+            if method == "nsa" and b == 4:
+                err = float("inf")
+            rows.append({"method": method, "budget": b, "error_mean": err, "error_vs_uniform_mean": 2 * err})
+    return pd.DataFrame(rows)
+
+
+def test_budget_curve_keeps_zero_off_the_log_axis_and_marks_exact_points():
+    df = _sweep_like()
+    fig = viz.budget_curve(df, exact_below=1e-12, lang="en")
+    plotted = np.concatenate([np.asarray(tr.y, dtype=float) for tr in fig.data if tr.y is not None and len(tr.y)])
+    plotted = plotted[~np.isnan(plotted)]
+    assert (plotted > 0).all() and np.isfinite(plotted).all()  # no zero, negative or inf on the log axis
+    real = df.error_mean[(df.error_mean > 1e-12) & np.isfinite(df.error_mean)]
+    floor = 10.0 ** (math.floor(math.log10(real.min())) - 1)
+    exact = [tr for tr in fig.data if tr.marker.symbol == viz.EXACT_SYMBOL and tr.showlegend is False]
+    assert sorted(tr.name for tr in exact) == ["quest", "topk"]
+    for tr in exact:
+        assert list(tr.x) == [128.0, 256.0] and list(tr.y) == [floor, floor]
+        assert list(tr.customdata) == [3e-16, 0.0]  # the hover keeps the measured value
+    # Two methods exact at one budget nest as rings of different sizes.
+    assert exact[0].marker.size[0] != exact[1].marker.size[0]
+    # The lines stop before the exact points and leave a gap at inf.
+    main = {tr.name: np.asarray(tr.y, dtype=float) for tr in fig.data if tr.mode == "lines+markers"}
+    assert np.isnan(main["topk"][-2:]).all() and np.isnan(main["nsa"][2]) and np.isfinite(main["nsa"][3:]).all()
+    # One legend entry explains the markers; the floor's tick says "exact".
+    assert [tr.name for tr in fig.data if tr.showlegend is not False and tr.marker.symbol == viz.EXACT_SYMBOL] == [
+        t("viz.exact_legend", "en")]
+    ax = fig.layout.yaxis
+    assert ax.ticktext[0] == t("viz.exact_tick", "en") and ax.tickvals[0] == pytest.approx(floor)
+    assert 10 ** ax.range[0] < floor and 10 ** ax.range[1] > df.error_mean[np.isfinite(df.error_mean)].max()
+
+
+def test_budget_curve_ticks_are_decades_and_budgets():
+    fig = viz.budget_curve(_sweep_like(1), y="error_vs_uniform_mean", exact_below=1e-12, lang="zh")
+    ax = fig.layout.yaxis
+    logs = np.log10(np.asarray(ax.tickvals, dtype=float))
+    np.testing.assert_allclose(logs, np.round(logs), atol=1e-12)  # whole decades only
+    assert np.all(np.diff(logs) == 1) and len(logs) >= 2
+    assert not any("µ" in s or "μ" in s for s in ax.ticktext)  # no SI prefixes on an error axis
+    assert all(s in ("0.1", "1", "10", t("viz.exact_tick", "zh")) or s.startswith("10<sup>") for s in ax.ticktext)
+    assert list(fig.layout.xaxis.tickvals) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert list(fig.layout.xaxis.ticktext) == ["1", "2", "4", "8", "16", "32", "64", "128", "256"]
+    # The chart names its metric, in the reader's language.
+    assert ax.title.text == t("viz.error_vs_uniform_axis", "zh")
+    assert t("viz.error_vs_uniform_axis", "zh") in fig.layout.title.text
+    # A narrow range still gets two decade ticks.
+    import pandas as pd
+
+    narrow = viz.budget_curve(pd.DataFrame({"method": ["a", "a"], "budget": [4, 8], "error_mean": [0.3, 0.5]}))
+    assert list(narrow.layout.yaxis.tickvals) == [0.1, 1.0]
+
+
+def test_budget_curve_spans_many_decades_with_every_other_tick():
+    import pandas as pd
+
+    df = pd.DataFrame({"method": ["a"] * 3, "budget": [1, 2, 4], "error_mean": [10.0, 1e-3, 1e-9]})
+    logs = np.log10(np.asarray(viz.budget_curve(df).layout.yaxis.tickvals, dtype=float))
+    assert logs[0] == -9 and logs[-1] == 1 and np.all(np.diff(logs) == 2)
+
+
+def test_budget_curve_marks_the_current_budget():
+    fig = viz.budget_curve(_sweep_like(), exact_below=1e-12, current=32, lang="zh")
+    [line] = fig.layout.shapes
+    assert line.type == "line" and line.x0 == line.x1 == 32 and (line.y0, line.y1, line.yref) == (0, 1, "paper")
+    assert line.label.text == t("viz.current_budget", "zh", value="32")
+    own = viz.budget_curve(_sweep_like(), current=8, current_label="k = 8")
+    assert own.layout.shapes[0].label.text == "k = 8" and own.layout.shapes[0].x0 == 8
+    assert not viz.budget_curve(_sweep_like()).layout.shapes
+
+
+def test_budget_curve_bad_input_is_named():
+    df = _sweep_like()
+    with pytest.raises(ValueError, match="no column 'tv_mean'"):
+        viz.budget_curve(df, y="tv_mean")
+    with pytest.raises(ValueError, match="current must be a finite number > 0"):
+        viz.budget_curve(df, current=0)
+    with pytest.raises(TypeError, match="exact_below must be a number"):
+        viz.budget_curve(df, exact_below="0")
+    with pytest.raises(ValueError, match="exact_below must be >= 0"):
+        viz.budget_curve(df, exact_below=-1.0)
 
 
 def test_the_library_and_its_pictures_never_import_streamlit():

@@ -17,15 +17,17 @@ scores (see docs/benchmarks.md). Here the scores never leave the chip:
    - causal (and segments wider than 64 keys): ``_collect`` appends each
      passing key and its tile score to the row's list, slots from a prefix sum
      over the tile.
-4. A sort in registers (``torch.topk`` for rows too long for one) over the
-   candidates (``capacity`` per row) picks the k keys.
+4. A sort in registers (``stable_topk`` for rows too long for one) over the
+   candidates (``capacity`` per row) picks the k keys. Candidates sit in
+   ascending key order, and among scores equal to the k-th the earliest slots
+   win: the library's tie rule, the lower key index wins.
 5. ``_softmax_gather``: the softmax of the k scores and the sum of their values.
 
 On random data only a little more than k keys pass the threshold (see
 docs/benchmarks.md), well under the default ``capacity``. A row that overflows
 (many equal scores, or an early causal row whose threshold is -inf) is redone
-exactly in PyTorch, so the result is exact for every input;
-``fused_topk_select`` returns how many rows were.
+exactly in PyTorch (``stable_topk``, the same tie rule), so the result is
+exact for every input; ``fused_topk_select`` returns how many rows were.
 Scores are float32 dot products of the inputs (IEEE for float32 inputs). Not
 causal, the final pick uses the re-computed scores, which round differently
 from the tile's, so keys tied to rounding at the k-th place may swap (see
@@ -38,7 +40,8 @@ from typing import NamedTuple
 
 import torch
 
-from .._checks import check_int, check_qkv, resolve_scale
+from .._checks import check_int, check_number, check_qkv, resolve_scale
+from ..topk import stable_topk
 from . import dispatch
 from ._triton import check_dtype, dot_precision, libdevice, pow2, require_triton, tl, triton
 
@@ -55,8 +58,9 @@ class FusedSelection(NamedTuple):
 
     ``values`` and ``indices`` are (B * H, Lq, min(top_k, Lk)): the float32
     unscaled scores q.k of each row's picked keys and their key indices
-    (int64), in no particular order; a slot with no allowed key holds -inf
-    (its index is arbitrary). ``overflow_rows`` counts the rows whose
+    (int64), in ascending key index; among scores equal to the k-th the lower
+    key index wins. Slots with no allowed key come last and hold -inf (their
+    index is arbitrary). ``overflow_rows`` counts the rows whose
     candidates overflowed ``capacity`` and were redone exactly in PyTorch.
     """
 
@@ -270,7 +274,11 @@ if triton is not None:
     @triton.jit
     def _pick_k(CV, CI, VALS, IDX, n_rows, C, K,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        """The K largest of each row's candidates, in slot order (not sorted), with their key indices."""
+        """The K largest of each row's candidates, in slot order (not sorted), with their key indices.
+
+        Among candidates equal to the K-th largest the earliest slots are kept,
+        which is the lowest key index: slots are filled in key order.
+        """
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
         m = (rows[:, None] < n_rows) & (cols[None, :] < C)
@@ -280,7 +288,7 @@ if triton is not None:
         kth = tl.sum(tl.where(cols[None, :] == K - 1, srt, 0.0), 1)
         above = v > kth[:, None]
         tie = v == kth[:, None]
-        room = K - tl.sum(above.to(tl.int32), 1)  # slots left for keys equal to the k-th
+        room = K - tl.sum(above.to(tl.int32), 1)  # slots left for keys equal to the k-th: the first ones win
         keep = above | (tie & (tl.cumsum(tie.to(tl.int32), 1) <= room[:, None]))
         keep = keep & m
         slot = tl.cumsum(keep.to(tl.int32), 1) - 1
@@ -329,12 +337,15 @@ def fused_topk_attention(q, k, v, top_k: int, *, causal: bool = False, scale: fl
                          num_warps: int = 4, num_stages: int = 2):
     """Each query attends to its ``top_k`` highest-scoring allowed keys; same result as ``topk_attention``.
 
+    The same tie rule too: among equal scores the lower key index wins.
+
     Args:
         q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): CUDA tensors of one
             dtype (float16 / bfloat16 / float32); H a multiple of Hkv.
         top_k: keys per query, >= 1; at least the number of allowed keys gives dense attention.
         causal: SDPA's ``is_causal``.
-        scale: default 1/sqrt(D).
+        scale: > 0, default 1/sqrt(D). The kernels rank raw scores q.k, which
+            only a positive scale leaves in the same order.
         capacity: candidate slots per query (default max(2 * top_k, 128)); rows
             with more candidates are redone exactly in PyTorch.
         block_m, block_n: queries per program and keys per segment (powers of two >= 16).
@@ -349,7 +360,7 @@ def fused_topk_attention(q, k, v, top_k: int, *, causal: bool = False, scale: fl
     require_triton("fused_topk_attention")
     B, H, Hkv, Lq, Lk, D, Dv = check_qkv(q, k, v)
     check_int(top_k, "top_k", minimum=1)
-    scale = resolve_scale(scale, D)
+    scale = check_number(resolve_scale(scale, D), "scale", positive=True)
     check_dtype(q.dtype, dispatch.KERNEL_DTYPES)
     if Lq == 0 or Lk == 0:
         return q.new_zeros(B, H, Lq, Dv)
@@ -379,8 +390,9 @@ def fused_topk_select(q, k, top_k: int, *, causal: bool = False, capacity: int |
     """The selection step of ``fused_topk_attention`` alone (same arguments).
 
     Returns a ``FusedSelection(values, indices, overflow_rows)``: values and
-    indices (B * H, Lq, min(top_k, Lk)) of each row's picked keys, and how many
-    rows overflowed ``capacity`` and were redone exactly.
+    indices (B * H, Lq, min(top_k, Lk)) of each row's picked keys (ascending
+    key index; among scores equal to the k-th the lower key index wins), and
+    how many rows overflowed ``capacity`` and were redone exactly.
     """
     require_triton("fused_topk_select")
     B, H, Hkv, Lq, Lk, D, _ = check_qkv(q, k, k)
@@ -444,7 +456,8 @@ def fused_topk_select(q, k, top_k: int, *, causal: bool = False, capacity: int |
                                              BLOCK_C=pow2(C, 16), num_warps=4)
         idx = idx32.long()
     else:
-        vals, pos = cand_v.topk(K, dim=-1)
+        # Slots are in key order (padding last), so the lower slot is the lower key: the tie rule.
+        vals, pos = stable_topk(cand_v, K, sorted=False)
         idx = cand_i.gather(-1, pos).long()
     del cand_v, cand_i
 
@@ -455,7 +468,7 @@ def fused_topk_select(q, k, top_k: int, *, causal: bool = False, capacity: int |
 
 
 def _redo_rows(q, k, over, vals, idx, K, causal, G):
-    """Exact top-K for the (flat head, row) pairs in ``over``, in float32 like the kernels."""
+    """Exact top-K for the (flat head, row) pairs in ``over``, in float32 like the kernels; ties to the lower index."""
     H = q.shape[1]
     for bh in over[:, 0].unique().tolist():
         rows = over[over[:, 0] == bh, 1]
@@ -466,6 +479,6 @@ def _redo_rows(q, k, over, vals, idx, K, causal, G):
             s = q[b, h, r].float() @ kh.T
             if causal:
                 s = s.masked_fill(torch.arange(kh.shape[0], device=q.device) > r[:, None], float("-inf"))
-            tv, ti = s.topk(K, dim=-1)
+            tv, ti = stable_topk(s, K, sorted=False)
             vals[bh, r] = tv
             idx[bh, r] = ti

@@ -20,6 +20,7 @@ from einops import rearrange
 
 from .._checks import check_choice, check_generator, check_int, check_qkv, resolve_scale
 from ..selection import Selection, gather_kv
+from ..topk import stable_topk
 from .dense import causal_mask, dense_attention, safe_softmax
 
 __all__ = ["PROPOSALS", "sampled_attention", "proposal_probs", "simhash_codes"]
@@ -52,9 +53,10 @@ def sampled_attention(
     For one query, let :math:`s_j = \text{scale}\cdot q\cdot k_j` over the
     allowed keys :math:`A` (all keys, or :math:`j \le i` when causal), let
     :math:`T \subset A` be the ``top_k`` highest scores (empty when
-    ``top_k = 0``) and :math:`R = A \setminus T` the tail. Draw
-    :math:`j_1..j_n` i.i.d. from a proposal :math:`\pi` over :math:`R`
-    (with replacement, :math:`n` = ``num_samples``). The estimate is
+    ``top_k = 0``; among equal scores the lower key index wins) and
+    :math:`R = A \setminus T` the tail. Draw :math:`j_1..j_n` i.i.d. from a
+    proposal :math:`\pi` over :math:`R` (with replacement, :math:`n` =
+    ``num_samples``). The estimate is
 
     .. math::
 
@@ -83,11 +85,17 @@ def sampled_attention(
       :math:`\pi_j = \epsilon/|R| + \frac{1-\epsilon}{L}\sum_t \pi^{(t)}_j`.
       Keys at a small angle to the query share its bucket more often. Choosing
       keys needs only hash codes; scores are computed for the drawn keys only.
-      Keys are centred (their mean subtracted) before hashing: that shifts
-      every score of a query by the same constant, which softmax ignores, but
-      spreads the keys' angles. With ``causal=True`` the mean is taken over all
-      keys, so a future key can change which past keys are drawn, never what
-      they are weighted by.
+      Keys are hashed centred, :math:`k_j - c`, with :math:`c` the mean of the
+      row's own tail keys :math:`R`: centring spreads the keys' angles, and it
+      shifts every score of the row by the same :math:`q\cdot c`, which softmax
+      ignores. With ``causal=True`` that mean is over keys of the row's prefix
+      (less its kept keys), so a key after position :math:`i` changes nothing
+      in row :math:`i`.
+
+    Every proposal reads only the row's allowed keys, so with ``causal=True``
+    row :math:`i` depends on ``q[..., i, :]`` and keys and values ``0..i``
+    only: a generator in the same state draws the same keys for it whatever
+    the later positions hold.
 
     A row whose allowed keys number at most ``top_k + num_samples`` attends to
     all of them exactly (dense attention), so a budget at least the key length
@@ -105,16 +113,21 @@ def sampled_attention(
         top_k: exact top-scoring keys kept per query before sampling, >= 0.
         causal: SDPA's ``is_causal`` (query i sees keys 0..i).
         scale: default 1/sqrt(D).
-        generator: a ``torch.Generator`` on q's device, for reproducible draws
-            (the hash projections are drawn from it too); None uses torch's
-            global generator.
+        generator: a ``torch.Generator`` on q's device, for reproducible draws;
+            None uses torch's global generator. Its first draws are the hash
+            projections, so ``proposal_probs`` given a generator in the same
+            state rebuilds the proposal the keys were drawn from.
         return_selection: also return ``Selection(indices, weights)``, each
             (B, H, Lq, S) with S = min(top_k + num_samples, Lk): the exact keys
             first, then the draws in order. ``weights`` are the effective
             weights (they sum to 1 per row), so ``selection.to_dense(Lk) @ v``
-            is the output; a key drawn twice fills two slots whose weights add.
-            Unused slots hold index -1 and weight 0.
-        lsh_bits, lsh_tables: SimHash shape for ``proposal="lsh"`` (>= 1 each).
+            is the output: :math:`e^{s_j}/\hat Z` for a kept key and
+            :math:`e^{s_{j_i}}/(n\,\pi_{j_i}\hat Z)` for draw :math:`i`, with
+            :math:`\hat Z` the denominator above. A draw never repeats a kept
+            key; a key drawn twice fills two slots whose weights add. Unused
+            slots hold index -1 and weight 0.
+        lsh_bits, lsh_tables: SimHash shape for ``proposal="lsh"``: 1..30 bits
+            per table, >= 1 tables.
 
     Returns:
         out (B, H, Lq, Dv) in q's dtype, or (out, Selection). Gradients reach
@@ -122,16 +135,18 @@ def sampled_attention(
         draws themselves are not differentiable.
 
     Raises:
-        ValueError: num_samples < 1, top_k < 0, an unknown proposal, or a
-            generator on another device than q.
+        TypeError: an int argument that is not an int, a generator that is
+            not a ``torch.Generator``.
+        ValueError: num_samples < 1, top_k < 0, lsh_bits outside 1..30,
+            lsh_tables < 1, an unknown proposal, or a generator on another
+            device than q.
     """
     B, H, Hkv, Lq, Lk, D, Dv = check_qkv(q, k, v)
     check_int(num_samples, "num_samples", minimum=1)
     check_int(top_k, "top_k", minimum=0)
-    check_int(lsh_bits, "lsh_bits", minimum=1)
+    # 2**30 buckets already leave almost every bucket empty; the cap also keeps simhash_codes' ids in int64.
+    check_int(lsh_bits, "lsh_bits", minimum=1, maximum=30)
     check_int(lsh_tables, "lsh_tables", minimum=1)
-    if lsh_bits > 30:
-        raise ValueError(f"lsh_bits must be <= 30 (codes are int64 bucket ids), got {lsh_bits}")
     check_choice(proposal, "proposal", PROPOSALS)
     check_generator(generator, q.device)
     scale = resolve_scale(scale, D)
@@ -191,7 +206,7 @@ def _draw(qg, k, allowed, top_k, n, proposal, scale, generator, lsh_bits, lsh_ta
     that softmax(score + offset) over the slots is the estimator's effective
     weights. Slots that hold no key have index -1 and offset -inf.
     """
-    B, Hkv, G, Lq, D = qg.shape
+    B, Hkv, G, Lq, _ = qg.shape
     Lk = k.shape[2]
     wdt = _work_dtype(qg.dtype)
     tail = allowed.expand(B, Hkv, G, Lq, Lk)
@@ -200,11 +215,8 @@ def _draw(qg, k, allowed, top_k, n, proposal, scale, generator, lsh_bits, lsh_ta
         full = (torch.einsum("bhgid,bhjd->bhgij", qg, k) * scale).to(wdt).masked_fill(~allowed, float("-inf"))
     parts_idx, parts_off = [], []
     if top_k > 0:
-        vals, top_idx = torch.topk(full, top_k, dim=-1)
-        kept = torch.isfinite(vals)
-        top_idx = top_idx.masked_fill(~kept, -1)
-        taken = torch.zeros_like(tail).scatter_(-1, top_idx.clamp(min=0), kept)
-        tail = tail & ~taken
+        top_idx, kept = _exact_topk(full, top_k)
+        tail = _tail(tail, top_idx, kept)
         parts_idx.append(top_idx)
         parts_off.append(torch.where(kept, 0.0, float("-inf")).to(wdt))
 
@@ -222,16 +234,73 @@ def _draw(qg, k, allowed, top_k, n, proposal, scale, generator, lsh_bits, lsh_ta
     return torch.cat(parts_idx, -1), torch.cat(parts_off, -1)
 
 
-def simhash_codes(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+def _exact_topk(scores, top_k):
+    """The ``top_k`` highest finite scores per row: (indices, kept), each (..., top_k).
+
+    ``stable_topk`` picks them, so among equal scores the lower key index
+    wins, as on every token top-k path of the library. Slots past a row's
+    last finite score hold index -1, kept False.
+    """
+    values, idx = stable_topk(scores, top_k, dim=-1)
+    kept = torch.isfinite(values)
+    return idx.masked_fill(~kept, -1), kept
+
+
+def _tail(allowed, top_idx, kept):
+    """The keys left to sample: allowed and not kept exactly.
+
+    A draw of a kept key would count its mass twice, once exactly and once in
+    the tail's estimate, and bias the denominator up by the kept mass.
+    """
+    hits = torch.zeros(allowed.shape, dtype=torch.int32, device=allowed.device)
+    # scatter_add, not scatter: an empty slot (-1, clamped to 0) must not overwrite a kept key 0.
+    taken = hits.scatter_add_(-1, top_idx.clamp(min=0), kept.to(torch.int32)) > 0
+    return allowed & ~taken
+
+
+def simhash_codes(x: torch.Tensor, planes: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
     """Bucket ids of SimHash: x (..., D), planes (T, D, bits) -> int64 (..., T).
 
-    Bit b of table t is the sign of x . planes[t, :, b]; two vectors at angle
-    theta share a table's bucket with probability (1 - theta / pi) ** bits.
+    Bit b of table t is the sign of (x - centre) . planes[t, :, b] (``centre``
+    broadcastable to x, default none). Over random Gaussian planes, two
+    vectors whose centred forms are at angle theta share a table's bucket with
+    probability (1 - theta / pi) ** bits. ``proposal_probs`` forms the same
+    buckets bit by bit, without the ids.
     """
     bits = planes.shape[-1]
-    signs = torch.einsum("...d,tdb->...tb", x.to(planes.dtype), planes) > 0
+    proj = torch.einsum("...d,tdb->...tb", x.to(planes.dtype), planes)
+    if centre is not None:
+        # Project, then subtract: x - centre would first broadcast x to the centres' shape.
+        proj = proj - torch.einsum("...d,tdb->...tb", centre.to(planes.dtype), planes)
     powers = 2 ** torch.arange(bits, device=x.device)
-    return (signs.long() * powers).sum(-1)
+    return ((proj > 0).long() * powers).sum(-1)
+
+
+def _key_centres(k, tail):
+    """The mean of each row's tail keys, (B, Hkv, G, Lq, D): what the LSH proposal centres keys on.
+
+    Only keys a row may draw enter its mean, so a causal row's centre is a
+    statistic of its prefix and no later key can move it. A row with an empty
+    tail gets the origin (it draws nothing).
+    """
+    w = tail.to(_work_dtype(k.dtype))
+    return torch.einsum("bhgij,bhjd->bhgid", w, k.to(w.dtype)) / w.sum(-1, keepdim=True).clamp(min=1)
+
+
+def _bucket_members(q_bits, k_proj, c_proj, tail):
+    """(B, Hkv, G, Lq, Lk) bool: the tail keys in query i's bucket of one table.
+
+    q_bits (B, Hkv, G, Lq, bits) are the query's signs, k_proj (B, Hkv, bits, Lk)
+    the keys' projections and c_proj (B, Hkv, G, Lq, bits) the row centres'. Bit
+    b of key j in row i is the sign of (k_j - c_i) . plane_b, taken as
+    k_proj > c_proj; one bit at a time keeps the working set at one boolean
+    per (query, key) pair.
+    """
+    member = tail.clone()
+    for b in range(q_bits.shape[-1]):
+        key_bit = k_proj[:, :, None, None, b, :] > c_proj[..., b, None]
+        member &= key_bit == q_bits[..., b, None]
+    return member
 
 
 def proposal_probs(qg, k, tail, proposal, *, scores=None, generator=None, bits=4, tables=8):
@@ -239,8 +308,11 @@ def proposal_probs(qg, k, tail, proposal, *, scores=None, generator=None, bits=4
 
     qg is (B, Hkv, G, Lq, D), k (B, Hkv, Lk, D), tail a boolean broadcastable
     to (B, Hkv, G, Lq, Lk). ``scores`` (the masked scaled scores) is needed
-    for ``"oracle"`` only. Returns (B, Hkv, G, Lq, Lk) in a float dtype of at
-    least float32; rows with an empty tail are all zero.
+    for ``"oracle"`` only. ``"lsh"`` draws its (tables, D, bits) projections
+    from ``generator`` first and centres the keys on the mean of each row's
+    tail keys, so nothing outside a row's tail reaches that row. Returns
+    (B, Hkv, G, Lq, Lk) in a float dtype of at least float32; rows with an
+    empty tail are all zero.
     """
     B, Hkv, G, Lq, D = qg.shape
     Lk = k.shape[2]
@@ -253,12 +325,16 @@ def proposal_probs(qg, k, tail, proposal, *, scores=None, generator=None, bits=4
     if proposal == "oracle":
         return safe_softmax(scores.masked_fill(~tail, float("-inf")))
     planes = torch.randn(tables, D, bits, generator=generator, device=qg.device, dtype=wdt)
-    kc = k - k.mean(dim=2, keepdim=True)
-    code_q = simhash_codes(qg, planes)  # (B, Hkv, G, Lq, T)
-    code_k = simhash_codes(kc, planes)  # (B, Hkv, Lk, T)
+    q_bits = torch.einsum("bhgid,tdc->bhgitc", qg.to(wdt), planes) > 0
+    # Keys last: each (table, bit) slice is then one contiguous row of Lk projections.
+    k_proj = torch.einsum("bhjd,tdc->bhtcj", k.to(wdt), planes).contiguous()
+    c_proj = torch.einsum("bhgid,tdc->bhgitc", _key_centres(k, tail), planes)
     lsh = torch.zeros_like(uniform)
+    no_bucket = torch.zeros_like(size)  # tables whose bucket holds no tail key of the row: uniform there
     for t in range(tables):
-        member = (code_q[..., t, None] == code_k[:, :, None, None, :, t]) & tail
+        member = _bucket_members(q_bits[..., t, :], k_proj[:, :, t], c_proj[..., t, :], tail)
         count = member.sum(-1, keepdim=True)
-        lsh += torch.where(count > 0, member.to(wdt) / count.clamp(min=1), uniform)
+        lsh += member / count.clamp(min=1).to(wdt)
+        no_bucket += count == 0
+    lsh += no_bucket * uniform
     return LSH_UNIFORM_MIX * uniform + (1 - LSH_UNIFORM_MIX) / tables * lsh

@@ -1,10 +1,12 @@
 """Top-k attention: each query attends only to its ``top_k`` highest-scoring keys.
 
-Two ways to find them, one result: score all keys at once (``chunk_size=None``,
+Two ways to find them, one rule: score all keys at once (``chunk_size=None``,
 the full-score approach), or stream over key chunks with a running top-k
 (``StreamingTopK``) so the (Lq, Lk) score matrix never exists. On CUDA the
 streaming form runs as fused Triton kernels (``sparse_attn.kernels.topk_fused``).
-Shapes and masking as ``sparse_attn.ops.dense``.
+Every path breaks ties the same way (the lower key index wins), so on equal
+scores the chunking does not change which keys are picked. Shapes and masking
+as ``sparse_attn.ops.dense``.
 """
 from __future__ import annotations
 
@@ -50,13 +52,21 @@ def topk_attention(
             (the full-score approach).
         query_chunk_size: queries per step (>= 1); default ``chunk_size``.
         return_selection: also return ``Selection(indices, weights)``, each
-            (B, H, Lq, min(top_k, Lk)).
+            (B, H, Lq, min(top_k, Lk)). Each row lists its picks by score,
+            highest first, equal scores in ascending key index, then its
+            empty slots (index -1, weight 0).
 
     Returns:
-        out (B, H, Lq, Dv), or (out, Selection). Ties between equal scores are
-        broken as ``torch.topk`` breaks them. A query with no allowed key gets
-        zeros; NaN in the inputs propagates. Gradients reach q, k and v through
-        the selected entries (selection itself is not differentiable).
+        out (B, H, Lq, Dv), or (out, Selection). Among equal scores the lower
+        key index wins, on every path: full-score, streaming at any
+        ``chunk_size`` / ``query_chunk_size``, and the fused kernels. The paths
+        then pick the same keys, in the same order, wherever they compute the
+        same scores; a score's last bit can depend on the matmul's tile shape,
+        so keys whose scores differ by rounding alone may still swap. A query
+        with no allowed key gets zeros; NaN in the inputs propagates (NaN
+        ranks above every score, as in ``torch.topk``). Gradients reach q, k
+        and v through the selected entries (selection itself is not
+        differentiable).
     """
     B, H, Hkv, Lq, Lk, D, Dv = check_qkv(q, k, v)
     check_int(top_k, "top_k", minimum=1)
@@ -67,9 +77,10 @@ def topk_attention(
     kc = chunk_size or max(Lk, 1)
     qc = query_chunk_size or chunk_size or max(Lq, 1)
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if chunk_size is not None and not return_selection and Lq and Lk and dispatch.use_triton(q, k, v):
+    # scale > 0: the kernels rank raw scores q.k, which a negative or zero scale would reorder.
+    if chunk_size is not None and not return_selection and Lq and Lk and scale > 0 and dispatch.use_triton(q, k, v):
         # Gate first: the kernel module imports Triton. The fused passes keep the scores on chip
-        # (same result up to ties and rounding).
+        # (same tie rule; the same result up to the rounding of the scores).
         from ..kernels.topk_fused import fused_topk_attention, triton_supports
 
         if triton_supports(q, k, v):
@@ -116,8 +127,10 @@ def topk_attention(
 def _select_block(qb, k, K, kc, scale, causal, i0):
     """Top-K scores and key indices for one query block, streaming over key chunks.
 
-    qb is (B, Hkv, G, nq, D). Returns values and indices (B, Hkv, G, nq, K);
-    slots no allowed key could fill hold -inf and index -1.
+    qb is (B, Hkv, G, nq, D). Returns values and indices (B, Hkv, G, nq, K),
+    highest score first, equal scores in ascending key index (``StreamingTopK``'s
+    rule: a later chunk's key never displaces an equal earlier one); slots no
+    allowed key could fill hold -inf and index -1.
     """
     B, Hkv, G, nq, _ = qb.shape
     Lk = k.shape[2]

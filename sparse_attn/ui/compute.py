@@ -69,9 +69,9 @@ def view(s: dict, head: int, pool: str, upload: tuple[str, bytes] | None = None)
     dw, sw = dense.weights.float(), sparse.weights.float()
     # The per-head table; every head has the same number of query rows (and allowed pairs), so the
     # headline numbers, means over all rows, are the means of its columns.
-    table = metrics.summarize(sparse.output.double(), dense.output.double(), dw, sparse.mask, weights=sw,
-                              causal=s["causal"])
-    per_head = {c: table[c].tolist() for c in ("mass_kept", "relative_error", "total_variation")}
+    table = metrics.summarize(sparse.output.double(), dense.output.double(), dw, sparse.mask, v=v.double(),
+                              weights=sw, causal=s["causal"])
+    per_head = {c: table[c].tolist() for c in ("mass_kept", "relative_error", "error_vs_uniform", "total_variation")}
     result = {
         "shape": (H, Lq, Lk),
         "head": head,
@@ -80,6 +80,7 @@ def view(s: dict, head: int, pool: str, upload: tuple[str, bytes] | None = None)
         "metrics": {
             "mass_kept": statistics.fmean(per_head["mass_kept"]),
             "relative_error": statistics.fmean(per_head["relative_error"]),
+            "error_vs_uniform": statistics.fmean(per_head["error_vs_uniform"]),
             "sparsity": statistics.fmean(table["sparsity"]),
             "keys_scored": sparse.cost.keys_scored,
             "keys_attended": sparse.cost.keys_attended,
@@ -89,6 +90,8 @@ def view(s: dict, head: int, pool: str, upload: tuple[str, bytes] | None = None)
             "memory_dense": dense.cost.memory_bytes,
         },
         "per_head": per_head,
+        # Why relative error can exceed 1: the dense output's rows are short next to v's (mean row norms).
+        "norms": {"ref": dense.output.double().norm(dim=-1).mean().item(), "v": v.double().norm(dim=-1).mean().item()},
         "maps": {
             "dense": pool_map(dw[0, head].cpu(), MAX_CELLS, pool),
             "sparse": pool_map(sw[0, head].cpu(), MAX_CELLS, pool),

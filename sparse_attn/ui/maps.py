@@ -31,6 +31,7 @@ def metrics_table(data: dict, lang: str) -> pd.DataFrame:
         t("metric.head", lang): list(range(len(ph["mass_kept"]))),
         t("metric.mass_kept", lang): ph["mass_kept"],
         t("metric.relative_error", lang): ph["relative_error"],
+        t("metric.error_vs_uniform", lang): ph["error_vs_uniform"],
         t("metric.total_variation", lang): ph["total_variation"],
     })
 
@@ -66,7 +67,10 @@ def render(s: dict, lang: str) -> None:
     left.plotly_chart(fig, key="maps_chart", config={"displaylogo": False})
     with right:
         st.metric(t("metric.mass_kept", lang), f"{m['mass_kept']:.1%}", help=t("help.mass_kept", lang))
-        st.metric(t("metric.relative_error", lang), f"{m['relative_error']:.3g}", help=t("help.relative_error", lang))
+        # One tile for both errors: the error against zeros, and below it the error against uniform attention.
+        st.metric(t("metric.relative_error", lang), f"{m['relative_error']:.3g}",
+                  t("metric.vs_uniform", lang, value=f"{m['error_vs_uniform']:.3g}"), delta_color="off",
+                  delta_arrow="off", help=t("help.relative_error", lang))
         st.metric(t("metric.sparsity", lang), f"{m['sparsity']:.1%}", help=t("help.sparsity", lang))
         st.metric(t("metric.keys_scored", lang), f"{m['keys_scored']:.1f}")
         st.metric(t("metric.keys_attended", lang), f"{m['keys_attended']:.1f}")
@@ -74,6 +78,7 @@ def render(s: dict, lang: str) -> None:
                   t("metric.vs_dense", lang, value=_si(m["flops_dense"])), delta_color="off", delta_arrow="off")
         st.metric(t("metric.memory", lang), _bytes(m["memory"]),
                   t("metric.vs_dense", lang, value=_bytes(m["memory_dense"])), delta_color="off", delta_arrow="off")
+        st.caption(t("maps.error_note", lang, ref=f"{data['norms']['ref']:.3g}", v=f"{data['norms']['v']:.3g}"))
     table = metrics_table(data, lang)
     st.subheader(t("maps.heads", lang))
     st.plotly_chart(viz.head_grid(data["grid"], log=ss["log"], lang=lang), key="grid_chart",

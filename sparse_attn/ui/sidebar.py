@@ -56,10 +56,25 @@ def render() -> dict:
                      format_func=lambda p: t(f"proposal.{p}", lang))
     if "selection_block_size" in params:  # also sets compress_block_size (state.TIED)
         sb.select_slider(t("setting.selection_block_size", lang), state.BLOCKS, key="selection_block_size")
+    forced = 0
+    for name in ("num_initial_blocks", "num_local_blocks"):
+        if name in params:
+            sb.slider(t(f"setting.{name}", lang), 0, state.FORCED_MAX, key=name, help=t(f"help.{name}", lang))
+            forced += ss[name]
     if "num_selected_blocks" in params:
-        sb.slider(t("setting.num_selected_blocks", lang), 1, state.NUM_BLOCKS_MAX, key="num_selected_blocks")
+        # NSA counts its forced blocks among the selected ones: the slider starts at them (and at 1).
+        least = max(1, forced)
+        ss["num_selected_blocks"] = max(ss["num_selected_blocks"], least)
+        sb.slider(t("setting.num_selected_blocks", lang), least, state.NUM_BLOCKS_MAX, key="num_selected_blocks")
+    if "num_sink_tokens" in params:
+        sb.slider(t("setting.num_sink_tokens", lang), 0, state.SINKS_MAX, key="num_sink_tokens",
+                  help=t("help.num_sink_tokens", lang))
     if "sliding_window_size" in params:
         sb.slider(t("setting.sliding_window_size", lang), 1, state.WINDOW_MAX, key="sliding_window_size")
+    if "token_budget" in params:
+        sb.slider(t("setting.token_budget", lang), 1, state.K_MAX, key="token_budget", help=t("help.token_budget", lang))
+    if "page_size" in params:
+        sb.select_slider(t("setting.page_size", lang), state.PAGES, key="page_size", help=t("help.page_size", lang))
     # Always shown: the speed tab times streaming top-k at this chunk size whatever the method.
     sb.select_slider(t("setting.chunk_size", lang), state.CHUNKS, key="chunk_size", help=t("help.chunk_size", lang))
     sb.toggle(t("setting.causal", lang), key="causal")

@@ -29,8 +29,10 @@ SEQ_LENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 HEAD_DIMS = (16, 32, 64, 128)
 CHUNKS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 BLOCKS = (4, 8, 16, 32, 64, 128)
+PAGES = (1, 2, 4, 8, 16, 32, 64)  # 1: Quest's bound is each key's own score
 K_MAX, SAMPLES_MAX, SEED_MAX, HEADS_MAX = 512, 1024, 2**31 - 1, 16
 NUM_BLOCKS_MAX, WINDOW_MAX = 64, 1024
+SINKS_MAX, FORCED_MAX = 64, 8  # FORCED_MAX twice stays below NUM_BLOCKS_MAX: the forced blocks always fit
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,11 @@ def specs() -> dict[str, Spec]:
         "selection_block_size": Spec(16, _one_of(BLOCKS, int)),
         "num_selected_blocks": Spec(4, _int_in(1, NUM_BLOCKS_MAX)),
         "sliding_window_size": Spec(32, _int_in(1, WINDOW_MAX)),
+        "num_initial_blocks": Spec(1, _int_in(0, FORCED_MAX)),
+        "num_local_blocks": Spec(2, _int_in(0, FORCED_MAX)),
+        "num_sink_tokens": Spec(4, _int_in(0, SINKS_MAX)),
+        "token_budget": Spec(32, _int_in(1, K_MAX)),
+        "page_size": Spec(16, _one_of(PAGES, int)),
         "chunk_size": Spec(64, _one_of(CHUNKS, int)),
         "causal": Spec(False, _bool),
         "device": Spec("cpu", _one_of(devices())),
@@ -125,6 +132,11 @@ URL_KEYS = {
     "selection_block_size": "block",
     "num_selected_blocks": "nblocks",
     "sliding_window_size": "window",
+    "num_initial_blocks": "initial",
+    "num_local_blocks": "local",
+    "num_sink_tokens": "sinks",
+    "token_budget": "tokens",
+    "page_size": "page",
     "chunk_size": "chunk",
 }
 

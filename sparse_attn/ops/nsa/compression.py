@@ -60,29 +60,37 @@ def compressed_visibility(Lq: int, n: int, block_size: int, stride: int, causal:
 def compressed_attention(q, k_cmp, v_cmp, block_size: int, stride: int, *, causal: bool, scale: float):
     """Queries attend to compressed keys. Returns out (B, H, Lq, Dv) and weights (B, H, Lq, Nc).
 
-    A query that sees no whole block yet (causal, i < block_size - 1) gets zeros.
+    Scores and softmax are float32 for half inputs (float64 stays float64), as
+    in the fused kernel: the weights rank NSA's blocks, and half-precision
+    weights would reorder them. ``out`` is in q's dtype, ``weights`` in that
+    float32 / float64. A query that sees no whole block yet (causal,
+    i < block_size - 1) gets zeros.
     """
     Hkv = k_cmp.shape[1]
-    qg = rearrange(q, "b (hk g) i d -> b hk g i d", hk=Hkv)
-    scores = torch.einsum("bhgid,bhnd->bhgin", qg, k_cmp) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qg = rearrange(q.to(acc), "b (hk g) i d -> b hk g i d", hk=Hkv)
+    scores = torch.einsum("bhgid,bhnd->bhgin", qg, k_cmp.to(acc)) * scale
     if causal:
         seen = compressed_visibility(q.shape[2], k_cmp.shape[2], block_size, stride, True, q.device)
         scores = scores.masked_fill(~seen, float("-inf"))
     weights = safe_softmax(scores)
-    out = torch.einsum("bhgin,bhnd->bhgid", weights, v_cmp)
+    out = torch.einsum("bhgin,bhnd->bhgid", weights, v_cmp.to(acc)).to(q.dtype)
     return rearrange(out, "b hk g i d -> b (hk g) i d"), rearrange(weights, "b hk g i n -> b (hk g) i n")
 
 
-def _compressed_fused(q, k, v, k_cmp, v_cmp, block_size, stride, selection_block_size, causal, scale):
+def _compressed_fused(q, k, v, block_size, stride, selection_block_size, causal, scale):
     """The fused Triton compressed branch, or None where it does not apply (CPU, autograd, no Triton).
 
-    Returns (out, importance) as nsa_attention's PyTorch path computes them for
-    a shared selection and overlap mapping (importance in float32).
+    Returns (out, importance) as nsa_attention's PyTorch path computes them
+    for a shared selection and overlap mapping, importance in float32. One
+    difference: k and v are mean-pooled in their own dtype (the kernel's tiles
+    are one dtype), where the PyTorch path pools half inputs in float32.
     """
     if not dispatch.use_triton(q, k, v):  # before importing the kernel (and Triton)
         return None
     from ...kernels.compressed import compressed_attention_triton, triton_supports
 
+    k_cmp, v_cmp = compress_kv(k, block_size, stride), compress_kv(v, block_size, stride)
     if not triton_supports(q, k_cmp, v_cmp):
         return None
     return compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, causal=causal, scale=scale,
