@@ -29,6 +29,7 @@ __all__ = [
 MAX_CELLS = 512         # per side, beyond which maps are pooled
 MAX_TOKEN_LABELS = 48   # per side, up to which tokens label the axes
 LOG_FLOOR = 1e-6        # log colour scale: weights below this (and zeros) show as this
+DIFF_FLOOR = 1e-3       # difference maps: the colour scale spans at least +-this, so rounding noise shows white
 SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu_r"
 
@@ -159,7 +160,9 @@ def attention_maps(dense, sparse, mask, *, diff=None, log: bool = False, tokens:
     fig.add_trace(_trace(s, log=log, coloraxis="coloraxis", name=names[1]), 1, 2)
     fig.add_trace(_trace(msk, log=False, coloraxis="coloraxis3", name=names[2]), 2, 1)
     fig.add_trace(_trace(diff, log=False, coloraxis="coloraxis2", name=names[3]), 2, 2)
-    lim = float(np.abs(diff.values).max(initial=0)) or 1e-12
+    # A floor on the scale: float32 rounding (about 1e-8) would otherwise fill the whole colour range
+    # and look like error; differences below DIFF_FLOOR stay white.
+    lim = max(float(np.abs(diff.values).max(initial=0)), DIFF_FLOOR)
     fig.update_layout(
         title=(title or t("viz.maps_title", lang)) + _pool_note(d, lang),
         coloraxis=dict(colorscale=SEQUENTIAL, cmin=math.log10(LOG_FLOOR) if log else 0.0,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from sparse_attn import viz
 from sparse_attn.i18n import LANGS, t
 from sparse_attn.methods import METHODS, choices
 from sparse_attn.sources import KINDS
@@ -102,6 +103,32 @@ def test_changing_k_changes_the_sparse_map_and_the_metrics():
     assert ((after_map > 0).sum(1) <= 4).all()
     assert before_metrics[0] != after_metrics[0] and before_metrics[4] != after_metrics[4]  # mass kept, keys attended
     assert at.query_params["k"] == "4"
+
+
+def test_block_and_window_bounds_follow_the_sequence_length():
+    at = run_app(method="nsa", L=256, block=16, nblocks=40, window=1000)
+    ok(at)
+    sliders = {w.key: w for w in at.sidebar.slider}
+    assert sliders["num_selected_blocks"].max == 256 // 16 and sliders["num_selected_blocks"].value == 16
+    assert sliders["sliding_window_size"].max == 256 and sliders["sliding_window_size"].value == 256
+    at.sidebar.select_slider(key="L").set_value(1024).run()  # a longer input widens both bounds again
+    ok(at)
+    sliders = {w.key: w for w in at.sidebar.slider}
+    assert sliders["num_selected_blocks"].max == 1024 // 16 and sliders["sliding_window_size"].max == 1024
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_a_budget_that_keeps_every_key_says_nothing_was_dropped(lang):
+    at = run_app(lang=lang, L=32, H=1, k=64)  # k >= L: top-k is dense attention
+    ok(at)
+    notes = [i.value for i in at.info]
+    assert t("note.all_keys_kept", lang, keys=32) in notes
+    fig = spec(at)
+    assert np.allclose(z(fig["data"][0]), z(fig["data"][1]), atol=1e-6)  # the maps say the same (up to rounding)
+    assert fig["layout"]["coloraxis2"]["cmax"] == viz.DIFF_FLOOR  # and the rounding noise left shows white
+    at.sidebar.slider(key="top_k").set_value(8).run()  # now keys are dropped: no such notice
+    ok(at)
+    assert not any(n.startswith(t("note.all_keys_kept", lang, keys=32)[:8]) for n in (i.value for i in at.info))
 
 
 @pytest.mark.parametrize("query", [{}, {"method": "nsa"}, {"view": "explain"}, {"view": "speed"},

@@ -248,3 +248,14 @@ def test_the_library_and_its_pictures_never_import_streamlit():
     code = ("import sys, sparse_attn, sparse_attn.viz, sparse_attn.methods, sparse_attn.i18n; "
             "assert 'streamlit' not in sys.modules, 'streamlit was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_difference_scale_has_a_floor_so_rounding_noise_stays_white():
+    dense = torch.softmax(torch.randn(16, 16), -1)
+    noisy = dense + 1e-8 * torch.randn(16, 16)  # float32 rounding between two exact paths
+    fig = viz.attention_maps(dense, noisy, torch.ones(16, 16, dtype=torch.bool))
+    assert fig.layout.coloraxis2.cmax == viz.DIFF_FLOOR and fig.layout.coloraxis2.cmin == -viz.DIFF_FLOOR
+    real = dense.clone()
+    real[3, 5] += 0.25  # a real error spans the scale
+    fig = viz.attention_maps(dense, real, torch.ones(16, 16, dtype=torch.bool))
+    assert abs(fig.layout.coloraxis2.cmax - 0.25) < 1e-6

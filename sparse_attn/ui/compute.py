@@ -52,6 +52,10 @@ def qkv(s: dict, upload: tuple[str, bytes] | None = None, *, with_view: bool = T
     return q, k, v, tokens, notes
 
 
+# Methods whose output is the exact softmax over the keys they select (sampling estimates, NSA mixes branches).
+EXACT_SUBSET_METHODS = ("topk", "quest", "streaming_llm")
+
+
 @st.cache_data(max_entries=16, ttl=1800, show_spinner=False)
 def view(s: dict, head: int, pool: str, upload: tuple[str, bytes] | None = None) -> dict:
     """Pooled maps for one head (clamped to the heads there are), small multiples of every head, and the metrics.
@@ -66,6 +70,11 @@ def view(s: dict, head: int, pool: str, upload: tuple[str, bytes] | None = None)
         sparse = METHODS[s["method"]].run_for_picture(q, k, v, cfg)
     H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
     head = min(head, H - 1)
+    notes = [(n.code, dict(n.params)) for n in notes]
+    # An exact softmax over a selection that covers every key a query may see is dense attention:
+    # say so, or a student reads the identical maps (and white difference) as "sparse is perfect".
+    if s["method"] in EXACT_SUBSET_METHODS and bool((sparse.mask | (dense.weights == 0)).all()):
+        notes.append(("all_keys_kept", {"keys": Lk}))
     dw, sw = dense.weights.float(), sparse.weights.float()
     # The per-head table; every head has the same number of query rows (and allowed pairs), so the
     # headline numbers, means over all rows, are the means of its columns.
@@ -76,7 +85,7 @@ def view(s: dict, head: int, pool: str, upload: tuple[str, bytes] | None = None)
         "shape": (H, Lq, Lk),
         "head": head,
         "tokens": tokens,
-        "notes": [(n.code, dict(n.params)) for n in notes],
+        "notes": notes,
         "metrics": {
             "mass_kept": statistics.fmean(per_head["mass_kept"]),
             "relative_error": statistics.fmean(per_head["relative_error"]),

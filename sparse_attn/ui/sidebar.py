@@ -47,6 +47,7 @@ def render() -> dict:
     sb.selectbox(t("setting.method", lang), choices("method"), key="method", format_func=lambda m: t(f"method.{m}", lang))
     # A widget for each Config field the method reads (Method.params); each widget's key is that field.
     params = {state.widget_of(p) for p in METHODS[ss["method"]].params}
+    known_L = ss["L"] if ss["source"] == "synthetic" else None  # model and file inputs set L when loaded
     if "top_k" in params:
         sb.slider(t("setting.top_k", lang), 0, state.K_MAX, key="top_k", help=t("help.top_k", lang))
     if "num_samples" in params:
@@ -64,13 +65,19 @@ def render() -> dict:
     if "num_selected_blocks" in params:
         # NSA counts its forced blocks among the selected ones: the slider starts at them (and at 1).
         least = max(1, forced)
-        ss["num_selected_blocks"] = max(ss["num_selected_blocks"], least)
-        sb.slider(t("setting.num_selected_blocks", lang), least, state.NUM_BLOCKS_MAX, key="num_selected_blocks")
+        # More blocks than the input holds change nothing: the bound follows L where L is known (synthetic).
+        # (A slider needs two values: one above ``least`` at least.)
+        most = max(least + 1, min(state.NUM_BLOCKS_MAX, -(-known_L // ss["selection_block_size"]))) if known_L \
+            else state.NUM_BLOCKS_MAX
+        ss["num_selected_blocks"] = min(max(ss["num_selected_blocks"], least), most)
+        sb.slider(t("setting.num_selected_blocks", lang), least, most, key="num_selected_blocks")
     if "num_sink_tokens" in params:
         sb.slider(t("setting.num_sink_tokens", lang), 0, state.SINKS_MAX, key="num_sink_tokens",
                   help=t("help.num_sink_tokens", lang))
     if "sliding_window_size" in params:
-        sb.slider(t("setting.sliding_window_size", lang), 1, state.WINDOW_MAX, key="sliding_window_size")
+        most = max(2, min(state.WINDOW_MAX, known_L)) if known_L else state.WINDOW_MAX
+        ss["sliding_window_size"] = min(ss["sliding_window_size"], most)
+        sb.slider(t("setting.sliding_window_size", lang), 1, most, key="sliding_window_size")
     if "token_budget" in params:
         sb.slider(t("setting.token_budget", lang), 1, state.K_MAX, key="token_budget", help=t("help.token_budget", lang))
     if "page_size" in params:
