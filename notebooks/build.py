@@ -146,15 +146,15 @@ def build_notebook(ch, lang: str, glossary: dict[str, str]) -> nbformat.Notebook
     for item in ch.CELLS:
         if isinstance(item, Objectives):
             continue
-        if isinstance(item, Md):
+        if isinstance(item, Summary):  # before Md: a Summary is an Md with its heading
+            cells.append(_md(f"## {WORDS['summary'][lang]}\n\n{getattr(item, lang)}", tags=["summary"]))
+        elif isinstance(item, Md):
             cells.append(_md(getattr(item, lang)))
         elif isinstance(item, Code):
             cells.append(_code(item.source))
         elif isinstance(item, Claim):
             cells.append(_md(getattr(item, lang), tags=["claim"]))
             cells.append(_code(item.check, tags=["claim"]))
-        elif isinstance(item, Summary):
-            cells.append(_md(f"## {WORDS['summary'][lang]}\n\n{getattr(item, lang)}", tags=["summary"]))
         elif isinstance(item, References):
             refs = "\n".join(f"- [{text}]({url})" if url else f"- {text}" for text, url in item.items)
             cells.append(_md(f"## {WORDS['references'][lang]}\n\n{refs}", tags=["references"]))

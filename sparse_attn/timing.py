@@ -7,13 +7,16 @@ interquartile range of at least ``min_runs`` measurements.
 from __future__ import annotations
 
 import statistics
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch.utils import benchmark
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-__all__ = ["Timing", "time_fn", "cuda_peak_bytes"]
+__all__ = ["Timing", "time_fn", "cuda_peak_bytes", "TensorMemory", "peak_tensor_bytes"]
 
 
 @dataclass
@@ -54,3 +57,42 @@ def cuda_peak_bytes(fn: Callable[[], object]) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+class TensorMemory(TorchDispatchMode):
+    """Peak bytes of the tensors that operations create inside the ``with`` block, on any device.
+
+    PyTorch calls the mode for every operation; each new storage an operation
+    returns is added, and subtracted when it is freed (a view adds nothing).
+    It sees every tensor PyTorch hands back, not the scratch inside one fused
+    kernel, and not the inputs, which exist before the block. Chapter 2 of the
+    notebooks builds it from scratch; the CPU has no allocator counter like
+    ``cuda_peak_bytes``'s, which is why this exists.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.now = self.peak = 0
+        self.alive: set[int] = set()
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.alive.discard(key)
+        self.now -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.alive:
+                storage = t.untyped_storage()
+                self.alive.add(id(storage))
+                self.now += storage.nbytes()
+                weakref.finalize(storage, self._freed, id(storage), storage.nbytes())
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+def peak_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of the tensors ``fn()`` creates while it runs (``TensorMemory``); its result is dropped."""
+    with TensorMemory() as counter:
+        fn()
+    return counter.peak

@@ -216,3 +216,23 @@ def test_the_module_runs_as_a_command():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--sdpa-backends" in proc.stdout and "--num-samples" in proc.stdout and "--selection-block-size" in proc.stdout
+
+
+def test_tensor_memory_counts_new_storages_once_and_subtracts_freed_ones():
+    from sparse_attn.timing import peak_tensor_bytes
+
+    x = torch.randn(256, 256)  # an input: exists before, never counted
+
+    def two_at_once():
+        a = x * 2            # 256 KiB
+        b = a.t()            # a view: no new bytes
+        c = a + 1            # 256 KiB more, while a is alive
+        del a, b
+        return c.sum()       # 4 bytes, after a is freed
+    assert peak_tensor_bytes(two_at_once) == 2 * 256 * 256 * 4
+
+    def one_at_a_time():
+        for _ in range(3):
+            (x * 2).sum()    # each product freed before the next
+    assert peak_tensor_bytes(one_at_a_time) == 256 * 256 * 4 + 4
+    assert peak_tensor_bytes(lambda: None) == 0

@@ -144,15 +144,8 @@ class Objectives:
 
 
 @dataclass(frozen=True)
-class Summary:
+class Summary(Md):
     """The chapter's closing summary (prose or a list), under "## Summary"."""
-
-    en: str
-    zh: str
-
-    def __post_init__(self):
-        object.__setattr__(self, "en", _clean(self.en))
-        object.__setattr__(self, "zh", _clean_zh(self.zh))
 
 
 @dataclass(frozen=True)

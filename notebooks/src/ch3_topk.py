@@ -55,18 +55,16 @@ CELLS = [
     ),
     Code("""
         import math
-        import weakref
 
         import pandas as pd
         import torch
         import torch.nn.functional as F
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_leaves
 
         from sparse_attn import viz
         from sparse_attn.metrics import mass_kept, relative_error
         from sparse_attn.ops import dense_attention, topk_attention
         from sparse_attn.sources import synthetic_qkv
+        from sparse_attn.timing import peak_tensor_bytes
         from sparse_attn.topk import StreamingTopK, chunked_topk
 
 
@@ -490,44 +488,19 @@ CELLS = [
     ),
     Md(
         en="""
-        Memory, measured with the counter of chapter 2: a `TorchDispatchMode` adds up the bytes of
+        Memory, measured with the counter of chapter 2, which the library keeps as
+        `sparse_attn.timing.peak_tensor_bytes`: a `TorchDispatchMode` adds up the bytes of
         every tensor an operation creates, subtracts them when it is freed, and keeps the peak
         (scratch space inside one fused kernel is invisible to it). SDPA is the dense baseline.
         """,
         zh="""
-        下面用第 2 章的计数器测量内存：`TorchDispatchMode` 把每个运算新建张量的字节数加上，张量释放时再减去，并记下峰值
+        下面用第 2 章的计数器测量内存（库中的 `sparse_attn.timing.peak_tensor_bytes` 就是它）：`TorchDispatchMode` 把每个运算新建张量的字节数加上，张量释放时再减去，并记下峰值
         （单个融合内核内部的临时空间它看不到）。稠密基线是 SDPA。
         """,
     ),
     Code("""
-        class PeakMemory(TorchDispatchMode):
-            \"\"\"Peak bytes of the tensors that operations create inside the `with` block (as in chapter 2).\"\"\"
-
-            def __init__(self):
-                super().__init__()
-                self.now = self.peak = 0
-                self.alive = set()
-
-            def _freed(self, key, nbytes):
-                self.alive.discard(key)
-                self.now -= nbytes
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in tree_leaves(out):
-                    if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.alive:
-                        storage = t.untyped_storage()
-                        self.alive.add(id(storage))
-                        self.now += storage.nbytes()
-                        weakref.finalize(storage, self._freed, id(storage), storage.nbytes())
-                self.peak = max(self.peak, self.now)
-                return out
-
-
         def peak_mib(fn):
-            with PeakMemory() as counter:
-                fn()
-            return counter.peak / 2**20
+            return peak_tensor_bytes(fn) / 2**20
 
 
         mem = []
