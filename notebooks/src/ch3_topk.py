@@ -54,8 +54,6 @@ CELLS = [
         """,
     ),
     Code("""
-        import math
-
         import pandas as pd
         import torch
         import torch.nn.functional as F

@@ -115,7 +115,7 @@ CELLS = [
         import pandas as pd
         import torch
         from sparse_attn import viz
-        from sparse_attn.metrics import mass_kept, relative_error
+        from sparse_attn.metrics import relative_error
         from sparse_attn.ops import dense_attention, sampled_attention, topk_attention
         from sparse_attn.sources import synthetic_qkv
         from sparse_attn.sweep import budget_sweep
