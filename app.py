@@ -2,7 +2,7 @@
 import streamlit as st
 
 from sparse_attn.i18n import t
-from sparse_attn.ui import budget, explainer, maps, sidebar, speed, state
+from sparse_attn.ui import budget, explainer, lessons, maps, sidebar, speed, state
 
 st.set_page_config(page_title="sparse-attn", page_icon="🔍", layout="wide")
 state.init_state()
@@ -11,6 +11,8 @@ lang = state.lang()
 
 st.title(t("app.title", lang))
 st.caption(t("app.subtitle", lang))
+state.show_url_notices(lang)
+lessons.banner(lang)
 tab_maps, tab_budget, tab_speed, tab_explain = st.tabs(
     state.tab_labels(lang), key="tab", on_change="rerun", default=state.open_tab_label(lang)
 )

@@ -1,12 +1,16 @@
-"""Slider change to updated heatmap, in a real browser: median and p95 over repeated k changes.
+"""Setting change to updated picture, in a real browser: median and p95 per kind of change.
 
-    python -m benchmarks.app_latency                 # L = 256 (defaults) and L = 4096
-    python -m benchmarks.app_latency --lengths 256 1024 --repeats 20
+    python -m benchmarks.app_latency                      # every case below, 15 changes each
+    python -m benchmarks.app_latency --cases k:256 pool:4096 --repeats 20
 
-Starts the app on a free loopback port, opens it in the system Chromium,
-focuses the k slider and presses an arrow key; the time runs until the sparse
-heatmap's data on screen (plotly's own ``_fullData``) differs from before.
-It includes the rerun, the computation, the transfer and plotly's redraw.
+Cases: ``k:L`` presses an arrow key on the k slider at sequence length L (a
+change that recomputes the attention); ``pool:L`` and ``log:L`` flip the
+pooling radio or the log-scale toggle (view-only: drawn from the cache);
+``lang:L`` switches English <-> 中文. Starts the app on a free loopback port,
+opens it in the system Chromium, and times from the input until the sparse
+heatmap's data on screen (plotly's own ``_fullData``) differs from before, or
+for a language switch until the title is in the new language and the page is
+idle. It includes the rerun, the computation, the transfer and the redraw.
 """
 from __future__ import annotations
 
@@ -19,9 +23,14 @@ import time
 
 from playwright.sync_api import sync_playwright
 
-from benchmarks.browser import signature, wait_for_new_signature, wait_for_plot, wait_idle
-from sparse_attn.i18n import t
+from benchmarks.browser import IDLE, signature, wait_for_new_signature, wait_for_plot, wait_idle
+from sparse_attn.i18n import LANG_NAMES, t
 from sparse_attn.ui.server import CHROMIUM, CHROMIUM_ARGS, serve
+
+DEFAULT_CASES = ("k:256", "k:4096", "pool:4096", "log:4096", "lang:256")
+# Targets on an idle 2-core machine (the app issue's): seconds, median.
+TARGETS = {"k:256": 1.0, "k:4096": 1.5, "pool:4096": 0.5, "log:4096": 0.5, "lang:256": 1.0}
+TIMEOUT = 180_000
 
 
 def p95(xs: list[float]) -> float:
@@ -29,20 +38,46 @@ def p95(xs: list[float]) -> float:
     return xs[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))]
 
 
-def measure(page, url: str, L: int, repeats: int, warmup: int = 2) -> list[float]:
+def _open(page, url: str, L: int):
     page.goto(f"{url}/?L={L}")
-    wait_idle(page, 180_000)
-    sig = wait_for_plot(page, timeout=180_000)
-    slider = page.get_by_role("slider", name=t("setting.top_k", "en"))
-    times = []
-    for i in range(warmup + repeats):
-        slider.focus()
+    wait_idle(page, TIMEOUT)
+    return wait_for_plot(page, timeout=TIMEOUT)
+
+
+def _change_and_wait(page, kind: str, i: int, sig, lang: str):
+    """Make change number ``i`` of ``kind``; return (seconds, new signature, language now shown)."""
+    if kind == "k":
+        page.get_by_role("slider", name=t("setting.top_k", lang)).focus()
         start = time.perf_counter()
         # Alternate up and down so k stays near its default (32) and every press changes the map.
         page.keyboard.press("ArrowRight" if i % 2 == 0 else "ArrowLeft")
-        sig = wait_for_new_signature(page, sig, timeout=180_000)
-        elapsed = time.perf_counter() - start
-        wait_idle(page, 180_000)
+    elif kind == "pool":
+        target = page.get_by_text(t("viz.pool_mean" if i % 2 == 0 else "viz.pool_max", lang), exact=True)
+        start = time.perf_counter()
+        target.click()
+    elif kind == "log":
+        target = page.get_by_text(t("setting.log", lang), exact=True)
+        start = time.perf_counter()
+        target.click()
+    else:  # lang
+        new = "zh" if lang == "en" else "en"
+        target = page.locator("[data-testid='stSidebar']").get_by_text(LANG_NAMES[new], exact=True)
+        start = time.perf_counter()
+        target.click()
+        page.get_by_role("heading", name=t("app.title", new)).wait_for(timeout=TIMEOUT)
+        page.wait_for_selector(IDLE, timeout=TIMEOUT)
+        return time.perf_counter() - start, signature(page), new
+    new_sig = wait_for_new_signature(page, sig, timeout=TIMEOUT)
+    return time.perf_counter() - start, new_sig, lang
+
+
+def measure(page, url: str, case: str, repeats: int, warmup: int = 2) -> list[float]:
+    kind, L = case.split(":")
+    sig = _open(page, url, int(L))
+    lang, times = "en", []
+    for i in range(warmup + repeats):
+        elapsed, sig, lang = _change_and_wait(page, kind, i, sig, lang)
+        wait_idle(page, TIMEOUT)
         sig = signature(page)
         if i >= warmup:
             times.append(elapsed)
@@ -51,23 +86,31 @@ def measure(page, url: str, L: int, repeats: int, warmup: int = 2) -> list[float
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 4096])
+    ap.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES),
+                    help="kind:L with kind one of k, pool, log, lang (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args(argv)
+    for case in args.cases:
+        kind, _, L = case.partition(":")
+        if kind not in ("k", "pool", "log", "lang") or not L.isdigit():
+            ap.error(f"--cases: {case!r} is not kind:L with kind one of k, pool, log, lang")
     rows = []
+    load = os.getloadavg()[0]
     with serve() as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 1100})
-        for L in args.lengths:
-            times = measure(page, url, L, args.repeats)
-            rows.append((L, statistics.median(times), p95(times), len(times)))
-            print(f"L={L}: median {rows[-1][1]:.3f} s, p95 {rows[-1][2]:.3f} s over {len(times)} changes", flush=True)
+        for case in args.cases:
+            times = measure(page, url, case, args.repeats)
+            rows.append((case, statistics.median(times), p95(times), len(times)))
+            print(f"{case}: median {rows[-1][1]:.3f} s, p95 {rows[-1][2]:.3f} s over {len(times)} changes", flush=True)
         browser.close()
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}; H=4, D=64, top-k, k around 32, float32, CPU")
-    print("| L | median (s) | p95 (s) | changes |\n| --- | --- | --- | --- |")
-    for L, med, p, n in rows:
-        print(f"| {L} | {med:.2f} | {p:.2f} | {n} |")
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{load:.1f} before, {os.getloadavg()[0]:.1f} after; H=4, D=64, top-k, k around 32, float32, CPU")
+    print("| change | median (s) | p95 (s) | changes | target (median) |\n| --- | --- | --- | --- | --- |")
+    for case, med, p, n in rows:
+        target = TARGETS.get(case)
+        verdict = "" if target is None else f"≤ {target} s: {'met' if med <= target else 'missed'}"
+        print(f"| {case} | {med:.2f} | {p:.2f} | {n} | {verdict} |")
     return 0
 
 

@@ -71,8 +71,8 @@ def expected_signature(settings: dict) -> tuple:
     from sparse_attn.ui import compute, state
 
     s = state.from_query(settings)  # the app reads a first visit's settings the same way
-    data = compute.view({key: s[key] for key in compute.COMPUTE_KEYS}, 0, "max")
-    z = np.asarray(data["maps"]["sparse"].values, dtype=np.float32)
+    data = compute.view({key: s[key] for key in compute.COMPUTE_KEYS})
+    z = np.asarray(compute.pick(data, s["head"], s["pool"])["maps"]["sparse"].values, dtype=np.float32)
     z = z.astype(np.float64)
     return z.shape[0], z.shape[1], int((z > 0).sum()), float((z * z).sum()), float((z * np.arange(1, z.shape[1] + 1)).sum())
 

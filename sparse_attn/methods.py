@@ -20,14 +20,14 @@ ignored. Bad settings raise ``SettingError`` (a ``CodedError`` the app translate
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ._checks import CodedError, check_choice, check_int, check_qkv, resolve_scale
-from .ops.dense import allowed_pairs, dense_attention
+from .ops.dense import allowed_pairs, causal_mask, dense_attention
 from .ops.indexed import QUERY_CHUNK
 from .ops.nsa import check_nsa_options, compress_kv, compressed_attention, nsa_attention, random_block_indices, selected_block_attention
 from .ops.quest import quest_attention
@@ -106,12 +106,18 @@ class MethodResult:
     output (B, H, Lq, Dv); weights (B, H, Lq, Lk) effective attention (0 off
     the selection; rows sum to 1 for exact-softmax methods, to an estimate of
     1 for sampling); mask (B, H, Lq, Lk) bool, True where a key was used.
+    extras: what only this method has, for pictures that explain it: NSA's
+    ``"nsa"`` (its ``NSAMaps``: every branch, the blocks picked, the gates);
+    the hybrid's ``"exact_mask"`` (B, H, Lq, Lk) bool, True on the keys kept
+    exactly (top-k, or every key of a row short enough to be exact), so the
+    rest of ``mask`` is the sampled tail.
     """
 
     output: torch.Tensor
     weights: torch.Tensor
     mask: torch.Tensor
     cost: Cost
+    extras: dict = field(default_factory=dict)
 
 
 # "reference": dense attention; "method": a student picks it; "timing": timed beside its twin;
@@ -354,9 +360,20 @@ def _sampling_run(hybrid: bool):
         cost = _sampling_cost(hybrid)(shape_of(q, k, v), cfg, q.element_size())
         # Draws with replacement repeat keys: report the distinct keys actually used.
         cost = cost._replace(keys_attended=float(mask.sum(-1).float().mean()) if mask.numel() else 0.0)
-        return MethodResult(out, sel.to_dense(Lk), mask, cost)
+        extras = {"exact_mask": _exact_part(sel, cfg.top_k, Lk, cfg.causal)} if hybrid else {}
+        return MethodResult(out, sel.to_dense(Lk), mask, cost, extras)
 
     return run
+
+
+def _exact_part(sel, top_k: int, Lk: int, causal: bool) -> torch.Tensor:
+    """The keys the hybrid kept exactly: its first ``top_k`` slots, or the whole row where it ran exact."""
+    B, H, Lq, S = sel.indices.shape
+    kept = sel._replace(indices=sel.indices[..., :top_k], weights=sel.weights[..., :top_k]).mask(Lk)
+    dev = sel.indices.device
+    allowed = causal_mask(Lq, Lk, dev).sum(-1) if causal else torch.full((Lq,), Lk, device=dev)
+    exact_rows = (allowed <= S).view(1, 1, Lq, 1)  # as sampled_attention decides it
+    return torch.where(exact_rows, sel.mask(Lk), kept)
 
 
 def _sampling_at_budget(cfg: Config, budget: int, *, num_keys: int | None = None) -> Config:
@@ -446,7 +463,7 @@ def _nsa_run(q, k, v, cfg: Config) -> MethodResult:
     mask = maps.combined > 0
     cost = _nsa_cost(shape_of(q, k, v), cfg, q.element_size())
     cost = cost._replace(keys_attended=float(mask.sum(-1).float().mean()) if mask.numel() else 0.0)
-    return MethodResult(out, maps.combined, mask, cost)
+    return MethodResult(out, maps.combined, mask, cost, {"nsa": maps})
 
 
 def _nsa_at_budget(cfg: Config, budget: int, *, num_keys: int | None = None) -> Config | None:

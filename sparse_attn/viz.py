@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from plotly.subplots import make_subplots
 
 from ._checks import check_choice, check_int, check_number
-from .i18n import t
+from .i18n import normalize_lang, t
 
 __all__ = [
     "Pooled", "pool_map", "heatmap", "attention_maps", "head_grid", "budget_curve", "CURVE_METRICS",
-    "scaling_plot", "chunked_topk_figure", "MAX_CELLS", "MAX_TOKEN_LABELS",
+    "scaling_plot", "log_ticks", "chunked_topk_figure", "MAX_CELLS", "MAX_TOKEN_LABELS", "MASK_CATEGORIES",
 ]
 
 MAX_CELLS = 512         # per side, beyond which maps are pooled
@@ -90,20 +90,94 @@ def _pool_note(p: Pooled, lang: str) -> str:
     return " " + t("viz.pooled", lang, mode=t(f"viz.pool_{p.mode}", lang), sq=p.step_q, sk=p.step_k)
 
 
-def _trace(p: Pooled, *, log: bool, coloraxis: str, name: str) -> go.Heatmap:
+# Maps use category axes, one category per drawn cell, so a hover can name what a cell holds: a token, or
+# the range of positions a pooled cell covers ("8–15"), never a half position such as 123.5.
+def _cell_labels(length: int, step: int, tokens: Sequence[str] | None = None) -> list[str]:
+    """One label per cell along an axis of ``length`` positions pooled by ``step``: "3 (cat)", "3" or "8–15"."""
+    if step == 1:
+        if tokens is not None and len(tokens) == length:
+            return [f"{i} ({tok})" for i, tok in enumerate(tokens)]
+        return [str(i) for i in range(length)]
+    return [f"{a}–{min(a + step, length) - 1}" if min(a + step, length) - 1 > a else str(a)
+            for a in range(0, length, step)]
+
+
+def _tick_step(length: int, max_ticks: int) -> int:
+    """A round distance between ticks: powers of two on a power-of-two axis, else 1-2-5, at most ``max_ticks``."""
+    pow2 = length & (length - 1) == 0
+    steps = [2**e for e in range(32)] if pow2 else sorted(m * 10**e for e in range(10) for m in (1, 2, 5))
+    return next(s for s in steps if math.ceil(length / s) <= max_ticks)
+
+
+def _cell_axis(labels: list[str], length: int, step: int, tokens: Sequence[str] | None, *,
+               max_ticks: int = 6, **kw) -> dict:
+    """A category axis over ``labels``: tokens as ticks when few, else round positions at the cells holding them."""
+    axis = dict(type="category", tickmode="array", **kw)
+    if tokens is not None and step == 1 and len(tokens) == length and length <= MAX_TOKEN_LABELS:
+        return {**axis, "tickvals": labels, "ticktext": [str(s) for s in tokens]}
+    positions = range(0, length, _tick_step(length, max_ticks))
+    return {**axis, "tickvals": [labels[p // step] for p in positions], "ticktext": [str(p) for p in positions]}
+
+
+class _Words(NamedTuple):
+    """How a hover names a row and a column: one position, or a pooled range of them."""
+
+    query: str
+    queries: str
+    key: str
+    keys: str
+
+
+def _words(lang: str, y_title: str | None = None, x_title: str | None = None) -> _Words:
+    w = _Words(t("charts.hover_query", lang, i="{i}"), t("charts.hover_queries", lang, i="{i}"),
+               t("charts.hover_key", lang, j="{j}"), t("charts.hover_keys", lang, j="{j}"))
+    if y_title:  # a caller's own axes (blocks, layers): the hover uses their names
+        w = w._replace(query=y_title + " {i}", queries=y_title + " {i}")
+    if x_title:
+        w = w._replace(key=x_title + " {j}", keys=x_title + " {j}")
+    return w
+
+
+_COLON = {"en": ": ", "zh": "："}  # punctuation only: the words around it come from the catalogs
+
+
+def _hover(p: Pooled, value: str, name: str, words: _Words, lang: str) -> str:
+    """A hovertemplate: "query 3 (cat) → key 1 (The): weight 0.086", the cell's ranges when pooled."""
+    q = (words.queries if p.step_q > 1 else words.query).format(i="%{y}")
+    k = (words.keys if p.step_k > 1 else words.key).format(j="%{x}")
+    return f"{q} → {k}{_COLON[normalize_lang(lang)]}{value}<extra>{name}</extra>"
+
+
+def _weight_value(p: Pooled, log: bool, lang: str) -> str:
+    number = "10<sup>%{z:.2f}</sup>" if log else "%{z:.3g}"
+    kind = {"max": "charts.hover_weight_max", "mean": "charts.hover_weight_mean"}.get(p.mode, "charts.hover_weight")
+    return t(kind, lang, w=number)
+
+
+def _trace(p: Pooled, *, log: bool, coloraxis: str | None, name: str, tokens: Sequence[str] | None = None,
+           value: str | None = None, words: _Words | None = None, lang: str = "en", **kw) -> go.Heatmap:
+    """One map as a heatmap on category axes; ``value`` is the hover's text for z (default: the weight)."""
     z = p.values
     if log:
         z = np.log10(np.maximum(z, LOG_FLOOR))
+    if z.dtype != np.uint8:  # uint8 stays: a category map needs one byte per cell, not four
+        z = z.astype(np.float32)
+    Lq, Lk = p.shape
+    value = _weight_value(p, log, lang) if value is None else value
+    if coloraxis:
+        kw["coloraxis"] = coloraxis
     return go.Heatmap(
-        z=z.astype(np.float32), x0=(p.step_k - 1) / 2, dx=p.step_k, y0=(p.step_q - 1) / 2, dy=p.step_q,
-        coloraxis=coloraxis, name=name, hovertemplate="%{y} → %{x}: %{z:.3g}<extra>" + name + "</extra>",
+        z=z, x=_cell_labels(Lk, p.step_k, tokens), y=_cell_labels(Lq, p.step_q, tokens),
+        name=name, hovertemplate=_hover(p, value, name, words or _words(lang), lang), **kw,
     )
 
 
-def _token_axis(axis: dict, tokens: Sequence[str] | None, n: int) -> dict:
-    if tokens is not None and len(tokens) == n and n <= MAX_TOKEN_LABELS:
-        axis.update(tickmode="array", tickvals=list(range(n)), ticktext=[str(s) for s in tokens])
-    return axis
+def _axes(p: Pooled, tokens: Sequence[str] | None, **kw) -> tuple[dict, dict]:
+    """(x axis, y axis) layouts for a map drawn by ``_trace``: queries down, keys across."""
+    Lq, Lk = p.shape
+    xa = _cell_axis(_cell_labels(Lk, p.step_k, tokens), Lk, p.step_k, tokens, **kw)
+    ya = _cell_axis(_cell_labels(Lq, p.step_q, tokens), Lq, p.step_q, tokens, autorange="reversed", **kw)
+    return xa, ya
 
 
 def _colorbar(log: bool, **kw) -> dict:
@@ -120,46 +194,113 @@ def heatmap(m, *, title: str | None = None, x_title: str | None = None, y_title:
     """One attention map (Lq, Lk) as a heatmap: queries down, keys across.
 
     ``log`` shows log10 of the weights (zeros at ``LOG_FLOOR``). ``tokens``
-    label both axes when there are at most ``MAX_TOKEN_LABELS`` of them.
+    label both axes when there are at most ``MAX_TOKEN_LABELS`` of them, and
+    name the cells in the hover. ``x_title`` / ``y_title`` rename the axes
+    and the hover's words (e.g. "compressed block 3" instead of "key 3").
     """
     p = pool_map(m, max_cells, pool)
     title = t("viz.attention_map", lang) if title is None else title
-    fig = go.Figure(_trace(p, log=log, coloraxis="coloraxis", name=title))
+    fig = go.Figure(_trace(p, log=log, coloraxis="coloraxis", name=title, tokens=tokens,
+                           words=_words(lang, y_title, x_title), lang=lang))
+    xa, ya = _axes(p, tokens)
     fig.update_layout(
         title=title + _pool_note(p, lang),
         coloraxis=dict(colorscale=SEQUENTIAL, cmin=zmin, cmax=zmax, colorbar=_colorbar(log)),
-        xaxis=_token_axis(dict(title=x_title or t("viz.key_axis", lang)), tokens, p.shape[1]),
-        yaxis=_token_axis(dict(title=y_title or t("viz.query_axis", lang), autorange="reversed"), tokens, p.shape[0]),
+        xaxis={**xa, "title": x_title or t("viz.key_axis", lang)},
+        yaxis={**ya, "title": y_title or t("viz.query_axis", lang)},
     )
     return fig
 
 
-def attention_maps(dense, sparse, mask, *, diff=None, log: bool = False, tokens: Sequence[str] | None = None,
-                   max_cells: int = MAX_CELLS, pool: str = "max", method_name: str | None = None,
-                   title: str | None = None, lang: str = "en") -> go.Figure:
+# Mask categories: catalog key and colour ramp (light: few of a pooled cell's keys, full: all of them).
+MASK_CATEGORIES = {
+    "not_selected": ("charts.mask_not_selected", ("#f2f2f2", "#f2f2f2")),
+    "selected": ("charts.mask_selected", ("#b0b0b0", "#222222")),
+    "sampled": ("charts.mask_sampled", ("#fdd0a2", "#e6550d")),
+    "exact": ("charts.mask_exact", ("#b0b0b0", "#222222")),
+}
+
+
+def _as_mask(m, max_cells: int, pool: str) -> Pooled:
+    """A selection mask as a Pooled share of selected keys per cell (a Pooled passes through)."""
+    if isinstance(m, Pooled):
+        return m
+    return pool_map(_as_2d(torch.as_tensor(m)).float(), max_cells, pool)
+
+
+def _mask_traces(msk: Pooled, exact: Pooled | None, *, name: str, tokens, lang: str) -> list:
+    """One heatmap per category (not selected / selected, or not selected / sampled / top-k exact), each with
+    a legend entry.
+
+    A cell belongs to the highest category any of its keys has (top-k over
+    sampled over not selected), as max pooling decides; under mean pooling
+    the colour's depth is the share of the cell's keys that were selected.
+    "Not selected" lies under every cell as one byte per cell; each category
+    above it holds its own cells and gaps elsewhere. Plotly's hover takes the
+    topmost trace that has the cell, and falls through a gap to the one below,
+    so every cell's hover names its category.
+    """
+    if exact is not None and exact.values.shape != msk.values.shape:
+        raise ValueError(f"mask_exact must be the mask's shape {msk.shape} pooled like it, got {exact.shape}")
+    chosen = msk.values > 0
+    code = np.where(chosen, 1, 0)
+    if exact is not None:
+        code = np.where(exact.values > 0, 2, code)
+    cats = ("not_selected", "sampled", "exact") if exact is not None else ("not_selected", "selected")
+    share = np.clip(msk.values, 0, 1) if msk.mode == "mean" else chosen.astype(np.float32)
+    traces = []
+    for c, cat in enumerate(cats):
+        where = code == c
+        if not where.any():
+            continue
+        label = t(MASK_CATEGORIES[cat][0], lang)
+        value = t("charts.mask_share", lang, category=label, share="%{z:.0%}") if msk.mode == "mean" and c else label
+        light, full = MASK_CATEGORIES[cat][1]
+        z = np.zeros(code.shape, np.uint8) if c == 0 else np.where(where, share, np.nan)
+        traces.append(_trace(msk._replace(values=z), log=False, coloraxis=None, name=name, tokens=tokens, value=value,
+                             lang=lang, colorscale=[[0, light], [1, full]], zmin=0, zmax=1, showscale=False,
+                             hoverongaps=False, legendgroup=f"mask_{cat}"))
+        # A heatmap's own legend entry is a colour ramp; a square marker reads as "this colour means".
+        traces.append(go.Scatter(x=[None], y=[None], mode="markers", name=label, legendgroup=f"mask_{cat}",
+                                 marker=dict(symbol="square", size=13, color=full, line=dict(color="#888", width=1)),
+                                 hoverinfo="skip"))
+    return traces
+
+
+def attention_maps(dense, sparse, mask, *, diff=None, mask_exact=None, log: bool = False,
+                   tokens: Sequence[str] | None = None, max_cells: int = MAX_CELLS, pool: str = "max",
+                   method_name: str | None = None, title: str | None = None, lang: str = "en") -> go.Figure:
     """Dense and sparse weights on one colour scale, the selection mask and the difference (sparse - dense).
 
     Each input is a (Lq, Lk) tensor or array (one head), or a ``Pooled`` from
     ``pool_map`` (then ``diff``, sparse - dense pooled with ``signed=True``, is
     needed too). Layout 2 x 2: dense | sparse on top with their shared colour
     bar, mask | difference below with a diverging colour bar centred on 0.
-    With ``log`` the shared scale is log10.
+    With ``log`` the shared scale is log10. ``mask_exact`` (a hybrid's keys
+    kept exactly by top-k, True on them; (Lq, Lk) or pooled like ``mask``)
+    splits the mask into not selected / sampled / top-k (exact).
+
+    Traces: dense, sparse, difference, then for each mask category present
+    its heatmap and its legend entry (a marker-only scatter).
     """
     if diff is None:
         if isinstance(dense, Pooled) or isinstance(sparse, Pooled):
             raise ValueError("diff is required when dense or sparse is already pooled")
         diff = _as_2d(sparse) - _as_2d(dense)
     d, s = pool_map(dense, max_cells, pool), pool_map(sparse, max_cells, pool)
-    msk = mask if isinstance(mask, Pooled) else pool_map(_as_2d(torch.as_tensor(mask)).float(), max_cells, pool)
+    msk = _as_mask(mask, max_cells, pool)
+    exact = None if mask_exact is None else _as_mask(mask_exact, max_cells, pool)
     diff = pool_map(diff, max_cells, pool, signed=True)
     method_name = method_name or t("viz.sparse", lang)
     names = [t("viz.dense", lang), method_name, t("viz.mask", lang), t("viz.difference", lang)]
-    fig = make_subplots(rows=2, cols=2, subplot_titles=names, horizontal_spacing=0.12, vertical_spacing=0.17)
+    fig = make_subplots(rows=2, cols=2, subplot_titles=names, horizontal_spacing=0.1, vertical_spacing=0.14)
     top = float(max(d.values.max(initial=0), s.values.max(initial=0)))
-    fig.add_trace(_trace(d, log=log, coloraxis="coloraxis", name=names[0]), 1, 1)
-    fig.add_trace(_trace(s, log=log, coloraxis="coloraxis", name=names[1]), 1, 2)
-    fig.add_trace(_trace(msk, log=False, coloraxis="coloraxis3", name=names[2]), 2, 1)
-    fig.add_trace(_trace(diff, log=False, coloraxis="coloraxis2", name=names[3]), 2, 2)
+    fig.add_trace(_trace(d, log=log, coloraxis="coloraxis", name=names[0], tokens=tokens, lang=lang), 1, 1)
+    fig.add_trace(_trace(s, log=log, coloraxis="coloraxis", name=names[1], tokens=tokens, lang=lang), 1, 2)
+    fig.add_trace(_trace(diff, log=False, coloraxis="coloraxis2", name=names[3], tokens=tokens, lang=lang,
+                         value=t("charts.hover_difference", lang, d="%{z:+.3g}")), 2, 2)
+    for tr in _mask_traces(msk, exact, name=names[2], tokens=tokens, lang=lang):
+        fig.add_trace(tr, 2, 1)
     # A floor on the scale: float32 rounding (about 1e-8) would otherwise fill the whole colour range
     # and look like error; differences below DIFF_FLOOR stay white.
     lim = max(float(np.abs(diff.values).max(initial=0)), DIFF_FLOOR)
@@ -170,21 +311,27 @@ def attention_maps(dense, sparse, mask, *, diff=None, log: bool = False, tokens:
                        colorbar=_colorbar(log, x=1.0, y=0.79, len=0.42, title=t("viz.weight", lang))),
         coloraxis2=dict(colorscale=DIVERGING, cmin=-lim, cmax=lim,
                         colorbar=dict(x=1.0, y=0.21, len=0.42, title=t("viz.difference_short", lang))),
-        coloraxis3=dict(colorscale=[[0, "#f4f4f4"], [1, "#222222"]], cmin=0, cmax=1, showscale=False),
-        height=820, margin=dict(t=90),
+        legend=dict(orientation="h", x=0, xanchor="left", y=-0.085, yanchor="top",
+                    title=t("charts.mask_legend", lang)),
+        height=860, margin=dict(t=90, b=90),
     )
+    # Axis titles only on the outer edges: every panel shares them, and an inner title would sit on
+    # the neighbouring panel ("query position" on the dense map, "key position" on the mask's title).
+    xa, ya = _axes(d, tokens)
     for i in (1, 2):
         for j in (1, 2):
-            n = d.shape
-            fig.update_xaxes(_token_axis(dict(title=t("viz.key_axis", lang)), tokens, n[1]), row=i, col=j)
-            fig.update_yaxes(_token_axis(dict(title=t("viz.query_axis", lang), autorange="reversed"), tokens, n[0]),
-                             row=i, col=j)
+            fig.update_xaxes({**xa, "title": t("viz.key_axis", lang) if i == 2 else None}, row=i, col=j)
+            fig.update_yaxes({**ya, "title": t("viz.query_axis", lang) if j == 1 else None}, row=i, col=j)
     return fig
 
 
 def head_grid(weights, *, log: bool = False, max_cells: int = 128, pool: str = "max", cols: int = 4,
               title: str | None = None, lang: str = "en") -> go.Figure:
-    """Small multiples: one map per head from ``weights`` (H, Lq, Lk) or a list of ``Pooled``; one colour scale."""
+    """Small multiples: one map per head from ``weights`` (H, Lq, Lk) or a list of ``Pooled``; one colour scale.
+
+    Each panel is square (its cells too) and has a few tick numbers; only the
+    outer panels carry axis titles.
+    """
     if isinstance(weights, (list, tuple)):
         w = list(weights)
     else:
@@ -195,18 +342,23 @@ def head_grid(weights, *, log: bool = False, max_cells: int = 128, pool: str = "
     cols = max(1, min(cols, H))
     rows = math.ceil(H / cols)
     names = [t("viz.head_n", lang, h=h) for h in range(H)]
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.03, vertical_spacing=0.08)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.06,
+                        vertical_spacing=min(0.3, 70 / (290 * rows)))
     pooled = [pool_map(w[h], max_cells, pool) for h in range(H)]
     top = max(float(p.values.max(initial=0)) for p in pooled)
     for h, p in enumerate(pooled):
-        fig.add_trace(_trace(p, log=log, coloraxis="coloraxis", name=names[h]), h // cols + 1, h % cols + 1)
-    fig.update_yaxes(autorange="reversed", showticklabels=False)
-    fig.update_xaxes(showticklabels=False)
+        r, c = h // cols + 1, h % cols + 1
+        fig.add_trace(_trace(p, log=log, coloraxis="coloraxis", name=names[h], lang=lang), r, c)
+        xa, ya = _axes(p, None, max_ticks=4)
+        fig.update_xaxes({**xa, "title": t("viz.key_axis", lang) if r == rows else None}, row=r, col=c)
+        fig.update_yaxes({**ya, "title": t("viz.query_axis", lang) if c == 1 else None, "constrain": "domain",
+                          "scaleanchor": fig.data[-1].xaxis}, row=r, col=c)
+    fig.update_xaxes(constrain="domain")
     fig.update_layout(
         title=(title or t("viz.heads_title", lang)) + _pool_note(pooled[0], lang),
         coloraxis=dict(colorscale=SEQUENTIAL, cmin=math.log10(LOG_FLOOR) if log else 0.0,
                        cmax=math.log10(max(top, LOG_FLOOR)) if log else top, colorbar=_colorbar(log)),
-        height=max(260, 230 * rows), margin=dict(t=80),
+        height=290 * rows + 120, margin=dict(t=80, b=60),
     )
     return fig
 
@@ -227,7 +379,8 @@ def _decade_label(e: int) -> str:
 def budget_curve(df, *, x: str = "budget", y: str = "error_mean", color: str = "method",
                  title: str | None = None, x_title: str | None = None, y_title: str | None = None,
                  names: dict[str, str] | None = None, current: float | None = None,
-                 current_label: str | None = None, exact_below: float = 0.0, lang: str = "en") -> go.Figure:
+                 current_label: str | None = None, exact_below: float = 0.0, spread: str | None = "auto",
+                 lang: str = "en") -> go.Figure:
     """``y`` against budget (keys or samples per query), one line per ``color`` group, on log-log axes.
 
     ``y`` is a column of ``df``, e.g. one of ``CURVE_METRICS`` (a sweep
@@ -239,8 +392,15 @@ def budget_curve(df, *, x: str = "budget", y: str = "error_mean", color: str = "
     The x ticks are the budgets themselves, the y ticks one per decade (every
     other decade beyond eight). ``current`` draws a dashed vertical line at
     that budget, labelled ``current_label`` (default: the reader's current
-    settings, with the value).
+    settings, with the value). ``spread`` names a column of standard
+    deviations drawn as error bars ("auto": ``y``'s ``_mean`` as ``_std``
+    when ``df`` has it; None: no bars); the y range holds every bar, and a
+    bar that would reach 0 stops at the lowest decade shown.
     """
+    if spread == "auto":
+        spread = y[: -len("_mean")] + "_std" if y.endswith("_mean") and y[: -len("_mean")] + "_std" in df.columns else None
+    if spread is not None and spread not in df.columns:
+        raise ValueError(f"df has no column {spread!r} for spread (columns: {list(df.columns)})")
     if check_number(exact_below, "exact_below") < 0:
         raise ValueError(f"exact_below must be >= 0 (a log axis shows no value <= 0), got {exact_below}")
     if current is not None:
@@ -255,9 +415,11 @@ def budget_curve(df, *, x: str = "budget", y: str = "error_mean", color: str = "
 
     values = df[y].to_numpy(dtype=float)
     exact = exact_of(values)
-    shown = values[np.isfinite(values) & ~exact]
+    real = np.isfinite(values) & ~exact
+    shown = values[real]
+    sd = np.nan_to_num(df[spread].to_numpy(dtype=float), nan=0.0, posinf=0.0) if spread else np.zeros_like(values)
     lo = math.floor(math.log10(shown.min())) if shown.size else 0
-    hi = max(math.ceil(math.log10(shown.max())) if shown.size else 0, lo + 1)
+    hi = max(math.ceil(math.log10((shown + sd[real]).max())) if shown.size else 0, lo + 1)
     floor_e = lo - 1 if exact.any() else None
     first = lo if floor_e is None else floor_e
     step = 1 if hi - first <= 8 else 2
@@ -275,7 +437,14 @@ def budget_curve(df, *, x: str = "budget", y: str = "error_mean", color: str = "
         is_exact = exact_of(py)
         name, col = (names or {}).get(key, str(key)), palette[i % len(palette)]
         main_y = np.where(np.isfinite(py) & ~is_exact, py, np.nan)  # NaN: plotly leaves a gap
-        fig.add_trace(go.Scatter(x=px, y=main_y, mode="lines+markers", name=name, legendgroup=str(key),
+        err = None
+        if spread:
+            up = np.where(np.isfinite(main_y), np.nan_to_num(part[spread].to_numpy(dtype=float), nan=0.0), 0.0)
+            up = np.maximum(up, 0.0)
+            down = np.minimum(up, np.maximum(np.nan_to_num(main_y, nan=0.0) - 10.0 ** lo, 0.0))
+            if up.any():
+                err = dict(type="data", array=up, arrayminus=down, visible=True, color=col, thickness=1.2, width=4)
+        fig.add_trace(go.Scatter(x=px, y=main_y, error_y=err, mode="lines+markers", name=name, legendgroup=str(key),
                                  line=dict(color=col), marker=dict(color=col),
                                  hovertemplate="%{x}: %{y:.3g}<extra>" + name + "</extra>"))
         if is_exact.any():
@@ -290,14 +459,15 @@ def budget_curve(df, *, x: str = "budget", y: str = "error_mean", color: str = "
                                  marker=dict(color="#555", symbol=EXACT_SYMBOL, size=11, line=dict(width=2))))
     budgets = sorted({float(b) for b in df[x].to_numpy(dtype=float) if math.isfinite(b) and b > 0})
     fig.update_layout(
-        title=title or t("viz.budget_title", lang, metric=label[:1].upper() + label[1:]),
+        title=title or t("viz.budget_title", lang, tab=t("tab.budget", lang), metric=label),
         xaxis=dict(title=x_title or t("viz.budget_axis", lang), type="log", tickmode="array", tickvals=budgets,
                    ticktext=[f"{b:g}" for b in budgets]),
         yaxis=dict(title=label, type="log", tickmode="array", tickvals=[10.0 ** e for e in ticks],
                    ticktext=[t("viz.exact_tick", lang) if e == floor_e else _decade_label(e) for e in ticks],
                    range=[first - 0.15, hi + 0.1]),  # log10 units: whole decades, a little margin
-        legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0),  # the plot keeps the width
-        margin=dict(b=120),
+        # Below the plot, so the plot keeps the width; far enough down to clear the x axis title.
+        legend=dict(orientation="h", yanchor="top", y=-0.24, xanchor="left", x=0),
+        height=540, margin=dict(b=150),
     )
     if current is not None:
         # Shapes take data values on a log axis (annotations would not): the label rides on the line,
@@ -311,19 +481,92 @@ def budget_curve(df, *, x: str = "budget", y: str = "error_mean", color: str = "
     return fig
 
 
-def scaling_plot(df, *, x: str = "seq_len", y: str = "median_ms", spread: str | None = "iqr_ms",
+def _plain(v: float) -> str:
+    """A tick label: a plain number where it stays short (0.001 .. 100000), else a power of ten."""
+    e = math.log10(v)
+    if -4 <= e <= 5:
+        return f"{v:g}"
+    return f"10<sup>{round(e)}</sup>".replace("-", "\u2212")
+
+
+def log_ticks(lo: float, hi: float) -> dict:
+    """Axis settings for a log axis over [lo, hi] (both > 0): labelled ticks only, no minor-digit clutter.
+
+    Two decades or more: the decades inside the data's range (at least two).
+    Less: the 1-2-5 values around the data, so a narrow range still has at
+    least two labels, and the range reaches the outermost of them. Either
+    way the range holds every value, with a small margin.
+    """
+    lo, hi = check_number(lo, "lo", positive=True), check_number(hi, "hi", positive=True)
+    if hi < lo:
+        raise ValueError(f"hi must be >= lo, got lo={lo}, hi={hi}")
+    a, b = math.log10(lo), math.log10(hi)
+    if b - a >= 2:
+        ticks = [10.0 ** e for e in range(math.ceil(a - 1e-9), math.floor(b + 1e-9) + 1)]
+    else:
+        cands = sorted(m * 10.0 ** e for e in range(math.floor(a) - 1, math.ceil(b) + 2) for m in (1, 2, 5))
+        first = max(c for c in cands if c <= lo * (1 + 1e-9))
+        last = min(c for c in cands if c >= hi * (1 - 1e-9))
+        if last == first:  # a single value sitting on a tick: show the 1-2-5 values either side
+            first, last = cands[cands.index(first) - 1], cands[cands.index(last) + 1]
+        ticks = [c for c in cands if first <= c <= last]
+        a, b = math.log10(first), math.log10(last)
+    pad = 0.04 * max(b - a, 1.0)
+    return dict(type="log", tickmode="array", tickvals=ticks, ticktext=[_plain(v) for v in ticks],
+                range=[a - pad, b + pad])
+
+
+def scaling_plot(df, *, x: str = "seq_len", y: str = "median_ms", spread: str | tuple[str, str] | None = "iqr_ms",
                  color: str = "method", names: dict[str, str] | None = None, title: str | None = None,
-                 x_title: str | None = None, y_title: str | None = None, lang: str = "en") -> go.Figure:
-    """Cost against sequence length on log-log axes, one line per method; ``spread`` draws error bars."""
+                 x_title: str | None = None, y_title: str | None = None, noisy: str | None = None,
+                 lang: str = "en") -> go.Figure:
+    """Cost against sequence length on log-log axes, one line per method, with the spread as error bars.
+
+    ``spread`` is a column of interquartile ranges (bars of half of it each
+    side), or a pair of columns (first, third quartile: the bars span them),
+    or None. Bars never reach 0 on the log axis and the range holds them all.
+    ``noisy`` names a column of booleans: those points get an open marker.
+    Ticks: the measured x values; on y, decades or 1-2-5 values (``log_ticks``).
+    """
+    for col in (x, y, color, *((spread,) if isinstance(spread, str) else spread or ()), *((noisy,) if noisy else ())):
+        if col not in df.columns:
+            raise ValueError(f"df has no column {col!r} (columns: {list(df.columns)})")
+    df = df[np.isfinite(df[y].to_numpy(dtype=float)) & (df[y].to_numpy(dtype=float) > 0)]
+    ys = df[y].to_numpy(dtype=float)
+    if isinstance(spread, str):
+        half = np.nan_to_num(df[spread].to_numpy(dtype=float), nan=0.0) / 2
+        low, high = ys - half, ys + half
+    elif spread:
+        low = np.nan_to_num(df[spread[0]].to_numpy(dtype=float), nan=np.inf)
+        high = np.nan_to_num(df[spread[1]].to_numpy(dtype=float), nan=0.0)
+        low, high = np.minimum(low, ys), np.maximum(high, ys)
+    else:
+        low = high = ys
+    positive_low = low[low > 0]
+    yaxis = log_ticks(min(ys.min(), positive_low.min()) if positive_low.size else ys.min(), high.max()) if ys.size \
+        else dict(type="log")
+    bottom = 10.0 ** yaxis["range"][0] if ys.size else 0.0
+    df = df.assign(_low=np.maximum(low, bottom), _high=high)
     fig = go.Figure()
     for key, part in df.groupby(color, sort=False):
         part = part.sort_values(x)
-        err = dict(type="data", array=part[spread].to_numpy() / 2, visible=True) if spread else None
-        fig.add_trace(go.Scatter(x=part[x].to_numpy(), y=part[y].to_numpy(), error_y=err, mode="lines+markers",
-                                 name=(names or {}).get(key, str(key))))
-    fig.update_layout(title=title or t("viz.scaling_title", lang),
-                      xaxis=dict(title=x_title or t("viz.seq_len_axis", lang), type="log"),
-                      yaxis=dict(title=y_title or t("viz.time_axis", lang), type="log"))
+        py = part[y].to_numpy(dtype=float)
+        err = None
+        if spread:
+            err = dict(type="data", array=part["_high"].to_numpy() - py, arrayminus=py - part["_low"].to_numpy(),
+                       visible=True, thickness=1.2, width=4)
+        symbols = None
+        if noisy:
+            symbols = ["circle-open" if b else "circle" for b in part[noisy].to_numpy(dtype=bool)]
+        name = (names or {}).get(key, str(key))
+        fig.add_trace(go.Scatter(x=part[x].to_numpy(), y=py, error_y=err, mode="lines+markers", name=name,
+                                 marker=dict(symbol=symbols, size=8) if symbols else None,
+                                 hovertemplate="%{x}: %{y:.3g}<extra>" + name + "</extra>"))
+    xs = sorted({float(v) for v in df[x].to_numpy(dtype=float) if math.isfinite(v) and v > 0})
+    fig.update_layout(title=title or t("viz.scaling_title", lang, tab=t("tab.speed", lang)),
+                      xaxis=dict(title=x_title or t("viz.seq_len_axis", lang), type="log", tickmode="array",
+                                 tickvals=xs, ticktext=[f"{v:g}" for v in xs]),
+                      yaxis=dict(title=y_title or t("viz.time_axis", lang), **yaxis))
     return fig
 
 
@@ -344,16 +587,30 @@ def chunked_topk_figure(x, k: int, chunk_size: int, *, title: str | None = None,
     final = set(chunked_topk(x, k, chunk_size=chunk_size).indices.tolist())
     names = [t("viz.chunk_n", lang, i=i, a=a, b=min(a + chunk_size, n) - 1) for i, a in enumerate(starts)]
     names.append(t("viz.merge", lang, k=k))
-    fig = make_subplots(rows=len(starts) + 1, cols=1, shared_xaxes=True, subplot_titles=names, vertical_spacing=0.04)
+    rows = len(starts) + 1
+    # Sizes in pixels, so a subplot title always has its own strip between two rows of bars.
+    plot_h, gap, top, bottom = (110, 46, 80, 60) if rows <= 6 else (70, 38, 80, 60)
+    height = rows * plot_h + (rows - 1) * gap + top + bottom
+    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, subplot_titles=names,
+                        vertical_spacing=gap / (height - top - bottom) if rows > 1 else 0.0)
     idx = np.arange(n)
+    candidates: set[int] = set()
     for r, a in enumerate(starts, start=1):
         chunk = x[a : a + chunk_size]
         cand = set((stable_topk(chunk, min(k, chunk.numel())).indices + a).tolist())  # ties as chunked_topk breaks them
+        candidates |= cand
         colors = ["#d62728" if i in cand else "#c7c7c7" for i in range(a, a + chunk.numel())]
-        fig.add_trace(go.Bar(x=idx[a : a + chunk.numel()], y=chunk.numpy(), marker_color=colors, showlegend=False), r, 1)
-    colors = ["#1f77b4" if i in final else "#c7c7c7" for i in range(n)]
-    fig.add_trace(go.Bar(x=idx, y=x.numpy(), marker_color=colors, showlegend=False), len(starts) + 1, 1)
+        fig.add_trace(go.Bar(x=idx[a : a + chunk.numel()], y=chunk.numpy(), marker_color=colors, showlegend=False,
+                             hovertemplate="%{x}: %{y:g}<extra></extra>"), r, 1)
+    # The merge row: the winners in blue, the candidates that lost in pale red, the rest grey.
+    colors = ["#1f77b4" if i in final else "#f4a6a6" if i in candidates else "#c7c7c7" for i in range(n)]
+    fig.add_trace(go.Bar(x=idx, y=x.numpy(), marker_color=colors, showlegend=False,
+                         hovertemplate="%{x}: %{y:g}<extra></extra>"), rows, 1)
+    lo, hi = min(0.0, float(x.min())), max(0.0, float(x.max()))
+    fig.update_yaxes(range=[lo * 1.08, hi * 1.08 if hi > 0 else 1.0], nticks=3)  # one scale: bars compare across rows
     fig.update_xaxes(range=[-0.5, n - 0.5])
-    fig.update_xaxes(title=t("viz.position_axis", lang), row=len(starts) + 1, col=1)
-    fig.update_layout(title=title or t("viz.chunked_title", lang), height=140 * (len(starts) + 1) + 80, bargap=0.1)
+    fig.update_xaxes(title=t("viz.position_axis", lang), row=rows, col=1)
+    fig.update_annotations(font_size=13)
+    fig.update_layout(title=title or t("viz.chunked_title", lang), height=height, bargap=0.1,
+                      margin=dict(t=top, b=bottom))
     return fig

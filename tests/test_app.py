@@ -68,10 +68,13 @@ def test_defaults_run_and_show_maps_and_metrics():
     ok(at)
     assert not at.error
     fig = spec(at)
-    assert len(fig["data"]) == 4  # dense, sparse, mask, difference
+    # dense, sparse, difference, then the mask: one heatmap per category (not selected, selected), with its legend
+    assert sum(tr["type"] == "heatmap" for tr in fig["data"]) == 5
     dense, sparse = z(fig["data"][0]), z(fig["data"][1])
     assert dense.shape == sparse.shape == (256, 256)
-    np.testing.assert_allclose(dense.sum(1), 1, atol=1e-4)
+    # The maps are cached as float16 (about 3 significant digits, as many as the hover shows): each of a
+    # row's 256 weights is off by at most half a float16 step, so the row sums stay within 1e-3 of 1.
+    np.testing.assert_allclose(dense.sum(1), 1, atol=1e-3)
     assert ((sparse > 0).sum(1) <= 32).all()  # k = 32 keys per query at most
     labels = [m.label for m in at.metric]
     for key in ("mass_kept", "relative_error", "sparsity", "keys_scored", "keys_attended", "flops", "memory"):
@@ -177,7 +180,7 @@ def test_a_method_that_is_not_a_registry_method_falls_back_to_the_default(name):
 # The query-string keys of shared links; the URL must keep reading them whatever the settings are called.
 URL_KEYS = ("lang", "source", "pattern", "text", "layer", "L", "H", "D", "method", "k", "samples", "proposal", "block",
             "nblocks", "window", "initial", "local", "sinks", "tokens", "page", "chunk", "causal", "device", "dtype",
-            "seed", "head", "log", "pool", "view")
+            "seed", "head", "log", "pool", "view", "lesson")
 
 
 def test_the_url_keeps_its_short_keys_and_maps_them_to_the_setting_names():

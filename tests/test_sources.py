@@ -6,6 +6,9 @@ import json
 import math
 import pickle
 import shutil
+import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -368,11 +371,17 @@ def test_pickles_and_object_arrays_are_never_loaded(tmp_path, gqa):
     expect("pickle", load, Source.file(tmp_path / "obj.npy"))
     np.savez(tmp_path / "obj.npz", q=gqa[0], k=np.array([object()] * 3, dtype=object))
     expect("pickle", load, Source.file(tmp_path / "obj.npz"))
-    # A raw pickle that claims to be .npy: numpy refuses it without running it.
+    # A raw pickle that claims to be .npy is named for what it is, and never opened.
     (tmp_path / "evil.npy").write_bytes(pickle.dumps({"q": 1}))
-    expect("pickle", load, Source.file(tmp_path / "evil.npy"))
+    expect("raw_pickle", load, Source.file(tmp_path / "evil.npy"))
+    # The same pickle inside a .npz, as the entry q.npy.
+    np.savez(tmp_path / "inner.npz", k=gqa[1])
+    with zipfile.ZipFile(tmp_path / "inner.npz", "a") as z:
+        z.writestr("q.npy", pickle.dumps({"q": 1}))
+    assert expect("raw_pickle", load, Source.file(tmp_path / "inner.npz")).params["name"] == "q"
     code = "".join(p.read_text() for p in (Path(__file__).parents[1] / "sparse_attn" / "sources").glob("*.py"))
-    assert "torch.load(" not in code and "allow_pickle=True" not in code
+    # np.load falls back to unpickling what lacks the .npy magic: the reader parses headers itself.
+    assert "torch.load(" not in code and "allow_pickle=True" not in code and "np.load(" not in code
 
 
 def test_size_limits_on_disk_and_unpacked(tmp_path, gqa):
@@ -383,7 +392,8 @@ def test_size_limits_on_disk_and_unpacked(tmp_path, gqa):
     # A compressed file far under the limit that would unpack past it.
     np.savez_compressed(tmp_path / "bomb.npz", q=np.zeros((1, 1, 4096, 256)), k=np.zeros((1, 1, 4096, 256)))
     assert (tmp_path / "bomb.npz").stat().st_size < 2**20
-    expect("too_large", load, Source.file(tmp_path / "bomb.npz", max_bytes=2**20))
+    err = expect("unpacks_too_large", load, Source.file(tmp_path / "bomb.npz", max_bytes=2**20))
+    assert err.params["size"] == 2 * 4096 * 256 * 8 + 2 * 128  # the two arrays' data and .npy headers
     expect("too_large", load, Source.file(data=b"\0" * 100, name="x.npy", max_bytes=99))
 
 
@@ -411,9 +421,14 @@ def test_shape_and_dtype_rejections(tmp_path, gqa):
         np.save(tmp_path / name, arr)
         assert words in str(expect(code, load, Source.file(tmp_path / name)))
     np.savez(tmp_path / "mismatch.npz", q=q, k=k[:, :, :, :4], v=v)
-    assert expect("bad_shape", load, Source.file(tmp_path / "mismatch.npz")).params["name"] == "q/k/v"
+    err = expect("qkv_mismatch", load, Source.file(tmp_path / "mismatch.npz"))
+    assert err.params["shapes"] == [(1, 4, 6, 8), (1, 2, 6, 4), (1, 2, 6, 5)]
     np.savez(tmp_path / "heads.npz", q=q[:, :3], k=k, v=v)  # 3 query heads over 2 kv heads
-    expect("bad_shape", load, Source.file(tmp_path / "heads.npz"))
+    expect("qkv_mismatch", load, Source.file(tmp_path / "heads.npz"))
+    # Each shape rule has its own code, for the app to word.
+    rules = {"two_d.npy": "two_d", "three_d.npy": "three_d", "five.npy": "stack", "empty.npy": "empty_axis"}
+    for name, rule in rules.items():
+        assert expect("bad_shape", load, Source.file(tmp_path / name)).params["rule"] == rule
     np.savez(tmp_path / "noq.npz", k=k, v=v)
     assert expect("missing_array", load, Source.file(tmp_path / "noq.npz")).params["found"] == ["k", "v"]
 
@@ -421,12 +436,167 @@ def test_shape_and_dtype_rejections(tmp_path, gqa):
 def test_bad_files_and_formats(tmp_path):
     expect("missing_file", load, Source.file(tmp_path / "gone.npz"))
     (tmp_path / "x.pt").write_bytes(b"whatever")
-    expect("bad_format", load, Source.file(tmp_path / "x.pt"))
-    for name in ("junk.npy", "junk.npz", "junk.safetensors"):
-        expect("bad_format", load, Source.file(data=b"\x93NUMPY garbage" * 3, name=name))
+    assert expect("bad_suffix", load, Source.file(tmp_path / "x.pt")).params["suffix"] == ".pt"
+    expect("bad_header", load, Source.file(data=b"\x93NUMPY garbage" * 3, name="junk.npy"))
+    for name in ("junk.npz", "junk.safetensors"):
+        err = expect("bad_format", load, Source.file(data=b"\x93NUMPY garbage" * 3, name=name))
+        assert err.params["format"] == Path(name).suffix
     expect("bad_format", load, Source.file(data=b"", name="empty.safetensors"))
     with pytest.raises(TypeError):
         read_qkv_file()
+
+
+def _npy_bytes(arr, version=None) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, arr, version=version, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npy_with_header(shape, descr="<f4", body=b"") -> bytes:
+    """A .npy whose header says ``shape`` and ``descr``, followed by ``body`` (whatever the header claims)."""
+    header = repr({"descr": descr, "fortran_order": False, "shape": tuple(shape)}).encode()
+    header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + body
+
+
+def test_a_text_file_named_npy_is_not_called_a_pickle():
+    err = expect("not_npy", load, Source.file(data=b"q,k,v\n1,2,3\n" * 20, name="table.npy"))
+    assert "pickle" not in str(err).lower() and err.params["name"] == ""
+    # A .npz renamed .npy, and an empty file, are no .npy either.
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, q=np.zeros((1, 1, 2, 2), np.float32))
+    for data in (buf.getvalue(), b""):
+        expect("not_npy", load, Source.file(data=data, name="renamed.npy"))
+
+
+def test_header_claims_are_checked_before_anything_is_allocated():
+    # A header claiming 122 GiB in a file of a few hundred bytes: refused by its claim, nothing allocated.
+    shape = (1, 61, 2**14, 2**15)
+    err = expect("header_too_large", load, Source.file(data=_npy_with_header(shape, body=b"\0" * 64), name="huge.npy"))
+    assert err.params["claimed"] == 122 * 2**30 and err.params["shape"] == shape
+    # A claim under the limit that the data does not back: cut short, or with bytes to spare.
+    full = _npy_bytes(np.ones((1, 2, 6, 8), np.float32))
+    for data in (full[:-4], full + b"\0" * 4):
+        err = expect("truncated", load, Source.file(data=data, name="cut.npy"))
+        assert err.params["claimed"] == 1 * 2 * 6 * 8 * 4 and err.params["actual"] == len(data) - (len(full) - 384)
+    # Headers that are no dict of the three keys, an unknown version, a dtype numpy does not know.
+    bad = [
+        b"\x93NUMPY\x01\x00" + struct.pack("<H", 12) + b"__import__()",
+        b"\x93NUMPY\x01\x00" + struct.pack("<H", 8) + b"{'a': 1}",
+        b"\x93NUMPY\x09\x00" + b"\0" * 20,
+        b"\x93NUMPY\x01\x00" + struct.pack("<H", 60000) + b"{" * 100,
+        _npy_with_header((1, 1, 1, 1), descr="<zz9"),
+        _npy_with_header((1, -1, 1, 1)),
+        b"\x93NUMPY\x01\x00" + struct.pack("<H", 5000) + b"(" * 5000,
+    ]
+    for data in bad:
+        expect("bad_header", load, Source.file(data=data, name="bad.npy"))
+    # An object dtype in the header is refused as a pickle before its bytes are looked at.
+    expect("pickle", load, Source.file(data=_npy_with_header((1, 1, 1, 1), descr="|O", body=b"\x80\x04"), name="o.npy"))
+
+
+def test_header_layouts_numpy_writes_load_as_numpy_reads_them():
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float64).reshape(1, 2 * 3, 4, 5) / 7
+    for arr in (x, np.asfortranarray(x), x.astype(">f4"), x.astype(np.float16)):
+        for version in (None, (2, 0), (3, 0)):
+            qkv = load(Source.file(data=_npy_bytes(arr, version), name="x.npy", dtype=None))
+            assert qkv.q.dtype == getattr(torch, arr.dtype.newbyteorder("=").name)
+            np.testing.assert_array_equal(qkv.q.numpy(), arr)
+
+
+def _central(data: bytes, name: str) -> int:
+    """Offset of ``name``'s entry in the zip's central directory."""
+    at = data.index(b"PK\x01\x02" + data[data.index(b"PK\x01\x02") + 4 : data.index(b"PK\x01\x02") + 4])
+    while True:
+        n = struct.unpack("<H", data[at + 28 : at + 30])[0]
+        if data[at + 46 : at + 46 + n] == name.encode():
+            return at
+        at = data.index(b"PK\x01\x02", at + 4)
+
+
+def _forge(data: bytes, name: str, *, size=None, csize=None, crc=None, local=False) -> bytes:
+    """The archive with entry ``name``'s sizes or checksum rewritten in its directory (and local header)."""
+    out = bytearray(data)
+    offsets = [_central(data, name) + 16]
+    if local:
+        offsets.append(struct.unpack("<I", data[offsets[0] + 26 : offsets[0] + 30])[0] + 14)
+    for at in offsets:
+        for value, shift in ((crc, 0), (csize, 4), (size, 8)):
+            if value is not None:
+                out[at + shift : at + shift + 4] = struct.pack("<I", value)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_forged_archive_sizes_get_their_own_message(tmp_path, gqa, compress):
+    path = tmp_path / "qkv.npz"
+    (np.savez_compressed if compress else np.savez)(path, q=gqa[0], k=gqa[1])
+    data = path.read_bytes()
+    info = zipfile.ZipFile(path).getinfo("k.npy")
+    assert load(Source.file(data=data, name="qkv.npz")).k.shape == (1, 2, 6, 8)
+    forged = [
+        _forge(data, "k.npy", size=info.file_size + 100),  # claims more than the data unpacks to
+        _forge(data, "k.npy", size=info.file_size - 100),  # claims less: the checksum of what is read is wrong
+        _forge(data, "k.npy", crc=info.CRC ^ 1),
+        _forge(data, "k.npy", csize=info.compress_size - 50),
+    ]
+    for bad in forged:
+        assert expect("archive_mismatch", load, Source.file(data=bad, name="qkv.npz")).params["name"] == "k"
+    # A directory that claims a huge entry is refused by its claim.
+    expect("unpacks_too_large", load, Source.file(data=_forge(data, "k.npy", size=2**32 - 1), name="qkv.npz"))
+    if not compress:
+        # Sizes and checksum forged consistently for a shorter entry: the .npy header inside still tells.
+        cut = info.file_size - 100
+        crc = zlib.crc32(zipfile.ZipFile(path).read("k.npy")[:cut])
+        bad = _forge(data, "k.npy", size=cut, csize=cut, crc=crc, local=True)
+        assert expect("truncated", load, Source.file(data=bad, name="qkv.npz")).params["name"] == "k"
+
+
+FUZZ_SEEDS = {}
+
+
+def _fuzz_seed(kind: str) -> bytes:
+    """One valid file of each format, built once."""
+    if kind not in FUZZ_SEEDS:
+        import io
+
+        g = np.random.default_rng(3)
+        q = g.standard_normal((1, 2, 4, 4)).astype(np.float32)
+        if kind == "npy":
+            FUZZ_SEEDS[kind] = _npy_bytes(np.stack([q, q]))
+        elif kind == "safetensors":
+            from safetensors.torch import save
+
+            FUZZ_SEEDS[kind] = save({"q": torch.from_numpy(q), "k": torch.from_numpy(q.copy())}, metadata={"tokens": '["a"]'})
+        else:
+            buf = io.BytesIO()
+            (np.savez_compressed if kind == "npz_c" else np.savez)(buf, q=q, k=q, tokens=np.array(list("abcd")))
+            FUZZ_SEEDS[kind] = buf.getvalue()
+    return FUZZ_SEEDS[kind]
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(["npy", "npz", "npz_c", "safetensors"]),
+       edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=6),
+       cut=st.one_of(st.none(), st.floats(0, 1)))
+def test_damaged_files_only_ever_raise_a_source_error(kind, edits, cut):
+    """Flipped bytes and cut files anywhere: each is loaded or refused with a code, never another exception."""
+    data = bytearray(_fuzz_seed(kind))
+    for where, byte in edits:
+        data[int(where * len(data))] = byte
+    if cut is not None:
+        data = data[: int(cut * len(data))]
+    name = "f." + ("npz" if kind.startswith("npz") else kind)
+    try:
+        qkv = load(Source.file(data=bytes(data), name=name))
+    except SourceError as e:
+        assert e.code in ERROR_CODES and set(ERROR_CODES[e.code]) <= set(e.params)
+    else:
+        assert qkv.q.dim() == 4 and torch.isfinite(qkv.q).all()
 
 
 # ---------------------------------------------------------------- the entry point

@@ -62,26 +62,33 @@ def _maps(L, seed=0):
     return dense, sparse, keep
 
 
+def heatmaps(fig):
+    return [tr for tr in fig.data if tr.type == "heatmap"]
+
+
 def test_attention_maps_share_one_colour_scale_and_show_the_difference():
     dense, sparse, mask = _maps(24)
     fig = viz.attention_maps(dense, sparse, mask)
-    d, s, m, diff = fig.data
+    d, s, diff, not_selected, selected = heatmaps(fig)
     assert d.coloraxis == s.coloraxis == "coloraxis" and diff.coloraxis != d.coloraxis
     assert fig.layout.coloraxis.cmax == pytest.approx(max(dense.max(), sparse.max()).item())
     np.testing.assert_allclose(z_of(diff), (sparse - dense).numpy(), atol=1e-6)
-    np.testing.assert_array_equal(z_of(m), mask.float().numpy())
+    # The mask is split by category: "not selected" under every cell, "selected" above it on its own cells.
+    np.testing.assert_array_equal(~np.isnan(z_of(selected)), mask.numpy())
+    assert z_of(not_selected).dtype == np.uint8 and z_of(not_selected).shape == mask.shape
     assert "pooled" not in fig.layout.title.text
 
 
 def test_large_maps_are_pooled_and_say_so():
     dense, sparse, mask = _maps(1100)
     fig = viz.attention_maps(dense, sparse, mask, pool="mean")
-    assert all(z_of(tr).shape[0] <= viz.MAX_CELLS and z_of(tr).shape[1] <= viz.MAX_CELLS for tr in fig.data)
+    assert all(z_of(tr).shape[0] <= viz.MAX_CELLS and z_of(tr).shape[1] <= viz.MAX_CELLS for tr in heatmaps(fig))
     assert "mean-pooled 3×3" in fig.layout.title.text
     zh = viz.attention_maps(dense, sparse, mask, pool="max", lang="zh")
     assert t("viz.pool_max", "zh") in zh.layout.title.text
-    # Pooled cells sit at their original token positions.
-    assert fig.data[0].dx == 3 and fig.data[0].x0 == 1
+    # Pooled cells are named by the original token positions they cover; the last one is ragged.
+    x = list(fig.data[0].x)
+    assert len(x) == 367 and x[:2] == ["0–2", "3–5"] and x[-1] == "1098–1099"
 
 
 def test_log_scale_shows_log10_weights():
@@ -96,8 +103,8 @@ def test_tokens_label_the_axes_only_when_few():
     fig = viz.attention_maps(dense, sparse, mask, tokens=tokens)
     assert list(fig.layout.xaxis.ticktext) == tokens and list(fig.layout.yaxis.ticktext) == tokens
     dense, sparse, mask = _maps(60)
-    fig = viz.attention_maps(dense, sparse, mask, tokens=[str(i) for i in range(60)])
-    assert fig.layout.xaxis.ticktext is None
+    fig = viz.attention_maps(dense, sparse, mask, tokens=[f"w{i}" for i in range(60)])
+    assert list(fig.layout.xaxis.ticktext) == ["0", "10", "20", "30", "40", "50"]  # too many: round positions
 
 
 def test_axis_titles_follow_the_language():

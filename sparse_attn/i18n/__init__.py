@@ -1,7 +1,9 @@
 """The app's strings in English and Chinese, and the glossary both follow.
 
-Catalogs are flat JSON objects (``en.json``, ``zh.json``) with identical keys;
-values are ``str.format`` templates. ``t("metric.mass_kept", "zh")`` returns
+Catalogs are flat JSON objects with identical keys in both languages; values
+are ``str.format`` templates. A language's catalog is ``<lang>.json`` (the
+shared labels) merged with one file per part of the app, ``<part>.<lang>.json``
+(``lessons.en.json``, ``nsa.zh.json``, ...): a key may live in one file only. ``t("metric.mass_kept", "zh")`` returns
 the Chinese label; ``t("err.k_zero", "en", k=0)`` fills ``{k}``. The glossary
 (``glossary.json``: English term -> 中文 term) is the vocabulary the catalogs
 and the notebooks share. No Streamlit here: notebooks use the same strings.
@@ -24,8 +26,15 @@ _DIR = Path(__file__).parent
 def catalog(lang: str) -> dict[str, str]:
     """The full key -> template mapping for ``lang`` ("en" or "zh"); read once per process."""
     lang = normalize_lang(lang, strict=True)
-    with open(_DIR / f"{lang}.json", encoding="utf-8") as f:
-        return json.load(f)
+    merged: dict[str, str] = {}
+    for path in [_DIR / f"{lang}.json", *sorted(_DIR.glob(f"*.{lang}.json"))]:
+        with open(path, encoding="utf-8") as f:
+            part = json.load(f)
+        twice = sorted(set(part) & set(merged))
+        if twice:  # two files defining one key: which one wins would depend on file order
+            raise ValueError(f"{path.name} repeats keys defined in another {lang} catalog file: {twice[:5]}")
+        merged.update(part)
+    return merged
 
 
 @lru_cache(maxsize=None)

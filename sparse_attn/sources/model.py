@@ -11,6 +11,10 @@ refused as unsupported (e.g. relative-position BERT variants, DeBERTa).
 
 Nothing is ever downloaded: transformers runs with ``local_files_only=True``
 and ``HF_HUB_OFFLINE=1``. A model is loaded once per process and path.
+
+The default model's vocabulary is English: it holds 244 single Chinese
+characters, and every other one becomes ``[UNK]``. Such text still runs, but
+an ``unknown_tokens`` note says how much of it the model could not read.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from einops import rearrange
 from .._checks import check_int
 from .errors import Note, SourceError
 
-__all__ = ["LoadedModel", "default_model_dir", "load_model", "model_qkv"]
+__all__ = ["LoadedModel", "default_model_dir", "load_model", "model_qkv", "unknown_tokens", "vocab_counts"]
 
 # Attribute names of the q, k, v projections inside one self-attention module.
 _PROJECTIONS = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
@@ -206,6 +210,41 @@ def _extract(path: str, text: str, max_tokens: int):
     return layers, tokens, total
 
 
+def _count_unknown(loaded: LoadedModel, tokens: list[str]) -> tuple[int, int]:
+    """([UNK] count, tokens of the text itself): special tokens such as [CLS] and [SEP] are not the text."""
+    tok = loaded.tokenizer
+    unk = getattr(tok, "unk_token", None)
+    special = set(getattr(tok, "all_special_tokens", ())) - {unk}
+    text_tokens = [x for x in tokens if x not in special]
+    return (sum(x == unk for x in text_tokens) if unk is not None else 0), len(text_tokens)
+
+
+def unknown_tokens(text: str, *, model_dir: str | os.PathLike | None = None,
+                   max_tokens: int | None = None) -> tuple[int, int]:
+    """(unknown, total): how many of ``text``'s tokens the model's vocabulary lacks, special tokens left out.
+
+    Tokenizes only (no forward pass), with the same truncation as ``model_qkv``.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    loaded = load_model(model_dir)
+    enc, _ = _encode(loaded, text, loaded.max_tokens if max_tokens is None else max_tokens)
+    return _count_unknown(loaded, loaded.tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist()))
+
+
+def vocab_counts(model_dir: str | os.PathLike | None = None) -> dict[str, int]:
+    """``vocab``: entries in the model's vocabulary; ``han``: how many of them are one Chinese character."""
+    return dict(_vocab_counts(load_model(model_dir).path))
+
+
+@functools.lru_cache(maxsize=4)
+def _vocab_counts(path: str) -> tuple[tuple[str, int], ...]:
+    vocab = _load_model(path).tokenizer.get_vocab()
+    # CJK Unified Ideographs and Extension A: the characters Chinese text is written in.
+    han = sum(len(w) == 1 and ("\u4e00" <= w <= "\u9fff" or "\u3400" <= w <= "\u4dbf") for w in vocab)
+    return (("vocab", len(vocab)), ("han", han))
+
+
 def model_qkv(
     text: str,
     *,
@@ -218,7 +257,9 @@ def model_qkv(
     The text is tokenized with the model's own tokenizer, special tokens
     included ([CLS] ... [SEP] for BERT). Longer than ``max_tokens`` (default
     and upper bound: the model's maximum positions) is truncated, with a
-    ``truncated`` note. Attention over one unpadded sentence uses no mask;
+    ``truncated`` note. Tokens outside the vocabulary (``[UNK]``) get an
+    ``unknown_tokens`` note with their ``count``, the ``total`` tokens of the
+    text (special tokens left out) and the ``share``. Attention over one unpadded sentence uses no mask;
     the model's scale is 1/sqrt(D), the default of every function here.
     Results are cached per (model, text, max_tokens): layers switch for free.
     """
@@ -246,5 +287,9 @@ def model_qkv(
     notes = []
     if total > len(tokens):
         notes.append(Note("truncated", f"text truncated to {len(tokens)} of {total} tokens", {"kept": len(tokens), "total": total}))
+    unknown, known_total = _count_unknown(loaded, tokens)
+    if unknown:  # silent [UNK]s would make attention on unreadable text look like attention on the text
+        notes.append(Note("unknown_tokens", f"{unknown} of {known_total} tokens are unknown to the model's vocabulary",
+                          {"share": unknown / known_total, "count": unknown, "total": known_total}))
     q, k, v = (t.clone() for t in layers[layer])
     return q, k, v, list(tokens), notes, loaded

@@ -15,7 +15,7 @@ from sparse_attn import viz
 from sparse_attn.i18n import t
 from sparse_attn.methods import METHODS, SettingError, Shape, shape_of
 
-from . import compute, errors, export
+from . import compute, errors, export, guide
 from .memory import BudgetError, check_budget
 
 BUDGETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # keys per query; those beyond the key length are left out
@@ -120,6 +120,7 @@ def render(s: dict, lang: str) -> None:
     fig = viz.budget_curve(df, x="budget", y=metric, names=names, current=here, current_label=label,
                            exact_below=EXACT_BELOW.get(s["dtype"], EXACT_BELOW_DEFAULT), lang=lang)
     st.plotly_chart(fig, key="budget_chart", config={"displaylogo": False})
+    guide.note("budget", lang)
     st.caption(t("budget.note", lang))
     cols = {
         "method": t("budget.col_method", lang), "budget": t("budget.col_budget", lang),

@@ -7,7 +7,7 @@ import streamlit as st
 from sparse_attn import viz
 from sparse_attn.i18n import t
 
-from . import compute, errors, export
+from . import compute, errors, export, guide, model_panel, nsa_panel, state
 
 
 def _si(x: float, unit: str = "") -> str:
@@ -40,13 +40,14 @@ def render(s: dict, lang: str) -> None:
     ss = st.session_state
     controls = st.container()  # filled once the data says how many heads there are
     try:
-        data = compute.view({k: s[k] for k in compute.COMPUTE_KEYS}, ss["head"], ss["pool"], s["upload"])
+        data = compute.view({k: s[k] for k in compute.COMPUTE_KEYS}, s["upload"])
     except Exception as exc:  # a bad setting or input breaks this panel only
         errors.show(exc, lang)
         return
     H = data["shape"][0]
-    if ss["head"] != data["head"]:
-        ss["head"] = data["head"]
+    view = compute.pick(data, ss["head"], ss["pool"])
+    if ss["head"] != view["head"]:
+        ss["head"] = view["head"]
     c1, c2, c3 = controls.columns(3)
     if H > 1:
         c1.slider(t("setting.head", lang), 0, H - 1, key="head")
@@ -58,13 +59,17 @@ def render(s: dict, lang: str) -> None:
             st.info(t(f"note.{code}", lang, **params))
         except (KeyError, IndexError):
             pass
+    if note := state.text_link_note(lang):
+        st.caption(note)
     m = data["metrics"]
-    maps = data["maps"]
+    maps = view["maps"]
     fig = viz.attention_maps(maps["dense"], maps["sparse"], maps["mask"], diff=maps["diff"], log=ss["log"],
+                             mask_exact=maps.get("exact"),
                              tokens=data["tokens"], method_name=t(f"method.{s['method']}", lang),
-                             title=t("viz.maps_title_head", lang, h=data["head"]), lang=lang)
+                             title=t("viz.maps_title_head", lang, h=view["head"]), lang=lang)
     left, right = st.columns([3, 1])
     left.plotly_chart(fig, key="maps_chart", config={"displaylogo": False})
+    guide.note("maps", lang, left)
     with right:
         st.metric(t("metric.mass_kept", lang), f"{m['mass_kept']:.1%}", help=t("help.mass_kept", lang))
         # One tile for both errors: the error against zeros, and below it the error against uniform attention.
@@ -79,10 +84,16 @@ def render(s: dict, lang: str) -> None:
         st.metric(t("metric.memory", lang), _bytes(m["memory"]),
                   t("metric.vs_dense", lang, value=_bytes(m["memory_dense"])), delta_color="off", delta_arrow="off")
         st.caption(t("maps.error_note", lang, ref=f"{data['norms']['ref']:.3g}", v=f"{data['norms']['v']:.3g}"))
+    if "nsa" in data:  # NSA's one map mixes three branches: draw each, and the blocks it picked
+        nsa_panel.render(data["nsa"], head=view["head"], pool=ss["pool"], log=ss["log"], tokens=data["tokens"],
+                         lang=lang)
+    if s["source"] == "model":
+        model_panel.render(s, lang)
     table = metrics_table(data, lang)
     st.subheader(t("maps.heads", lang))
-    st.plotly_chart(viz.head_grid(data["grid"], log=ss["log"], lang=lang), key="grid_chart",
+    st.plotly_chart(viz.head_grid(view["grid"], log=ss["log"], lang=lang), key="grid_chart",
                     config={"displaylogo": False})
+    guide.note("heads", lang)
     st.dataframe(table, hide_index=True)
     summary = pd.DataFrame([{t(f"metric.{k}", lang): v for k, v in m.items()}])
     e1, e2, e3 = st.columns(3)

@@ -10,7 +10,11 @@ The URL keeps its short keys (``k``, ``chunk``, ...): links people shared
 still open their view. ``URL_KEYS`` maps setting names to them, here and
 nowhere else. On a session's first run the query string seeds the settings;
 values from the URL are checked against the same bounds as the widgets, and a
-bad value falls back to the default.
+bad value falls back to the default and is listed in a notice
+(``show_url_notices``), as are keys the app does not know. The page writes
+the URL back with each key once. Free text travels in the URL up to
+``URL_TEXT_CHARS`` characters both ways: longer text is neither written nor
+read, and ``text_link_note`` says so.
 """
 from __future__ import annotations
 
@@ -19,11 +23,13 @@ from typing import Any, Callable, Mapping
 
 import streamlit as st
 
-from sparse_attn.i18n import LANGS, t
+from sparse_attn.i18n import LANGS, normalize_lang, t
 from sparse_attn.methods import choices
 from sparse_attn.ops.sampling import PROPOSALS
+from sparse_attn.sources import KINDS, PATTERNS
 
-from .inputs import DEFAULT_TEXT, MAX_TEXT_CHARS
+from .markup import code_span, join_list
+from .inputs import DEFAULT_TEXT
 
 SEQ_LENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 HEAD_DIMS = (16, 32, 64, 128)
@@ -69,9 +75,30 @@ def _bool(text: str) -> bool:
     raise ValueError(text)
 
 
+# Free text goes into the URL only up to this many characters, and a longer one in a URL is not read:
+# a link then opens what the page wrote. 500 CJK characters percent-encode to about 4.5 kB, well inside
+# the 8 kB request line a proxy such as nginx accepts by default.
+URL_TEXT_CHARS = 500
+
+
+def _lang(text: str) -> str:
+    return normalize_lang(text, strict=True)  # "zh-CN", "zh_TW", "ZH" -> "zh"
+
+
 def _text(text: str) -> str:
-    if len(text) > MAX_TEXT_CHARS:
-        raise ValueError("too long")
+    if len(text) > URL_TEXT_CHARS:
+        raise ValueError("too long for a link")
+    return text
+
+
+# The lessons of lessons.py by id, in its order. Named here because the URL checks them and lessons.py
+# reads this module's settings (importing it back would be a cycle); tests/test_lessons.py checks the two agree.
+LESSON_IDS = ("band", "sinks", "flat", "proposal", "nsa", "chunked", "model_heads")
+
+
+def _lesson(text: str) -> str:
+    if text not in LESSON_IDS:
+        raise ValueError(text)
     return text
 
 
@@ -92,9 +119,9 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 def specs() -> dict[str, Spec]:
     """Every setting the URL carries, by setting name (in the order the URL lists them)."""
     return {
-        "lang": Spec("en", _one_of(LANGS)),
-        "source": Spec("synthetic", str),  # checked against the registered sources in the sidebar
-        "pattern": Spec("local", str),
+        "lang": Spec("en", _lang),
+        "source": Spec("synthetic", _one_of(KINDS)),
+        "pattern": Spec("local", _one_of(PATTERNS)),
         "text": Spec(DEFAULT_TEXT, _text),
         "layer": Spec(0, _int_in(0, 23)),
         "L": Spec(256, _one_of(SEQ_LENS, int)),
@@ -121,6 +148,7 @@ def specs() -> dict[str, Spec]:
         "log": Spec(False, _bool),
         "pool": Spec("max", _one_of(("max", "mean"))),
         "view": Spec("maps", _one_of(TABS)),
+        "lesson": Spec("", _lesson),  # the open lesson's id ("" when none)
     }
 
 
@@ -166,27 +194,42 @@ def defaults() -> dict[str, Any]:
     return settings({name: spec.default for name, spec in specs().items()})
 
 
-def from_query(query: Mapping[str, object]) -> dict[str, Any]:
-    """The settings dict a URL's query (short keys, as text or plain values) gives, as a first run reads it.
+def read_query(query: Mapping[str, object]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The settings dict a URL's query gives, and the (key, value) pairs it ignored.
 
-    A value outside its bounds keeps the default, as in the app.
+    A value outside its bounds keeps the default; a key that names no setting
+    is ignored. Both are listed, in the URL's order, so the page can say so.
     """
-    values = {}
+    values, ignored = {}, []
+    by_key = {url_key(name): name for name in specs()}
+    for key, raw in query.items():
+        if key not in by_key:
+            ignored.append((key, str(raw)))
     for name, spec in specs().items():
         value = spec.default
         key = url_key(name)
         if key in query:
             raw = query[key]
+            text = str(raw).lower() if isinstance(raw, bool) else str(raw)
             try:
-                value = spec.parse(str(raw).lower() if isinstance(raw, bool) else str(raw))
+                value = spec.parse(text)
             except (ValueError, TypeError):
-                pass  # a hand-edited or stale URL: keep the default
+                ignored.append((key, text))  # a hand-edited or stale URL: keep the default, and say so
         values[name] = value
-    return settings(values)
+    order = list(query)
+    ignored.sort(key=lambda pair: order.index(pair[0]) if pair[0] in order else len(order))
+    return settings(values), ignored
 
 
-# Free text goes into the URL only while it is short enough to share.
-URL_TEXT_CHARS = 200
+def from_query(query: Mapping[str, object]) -> dict[str, Any]:
+    """The settings dict a URL's query (short keys, as text or plain values) gives, as a first run reads it.
+
+    A value outside its bounds keeps the default, as in the app.
+    """
+    return read_query(query)[0]
+
+
+NOTICES_KEY, BASELINE_KEY = "_url_ignored", "_url_baseline"
 
 
 def init_state() -> None:
@@ -197,23 +240,79 @@ def init_state() -> None:
         for name, spec in specs().items():
             ss[name] = ss[name] if name in ss else spec.default
         return
-    seeded = from_query(st.query_params.to_dict())
+    # With a key given twice (?lang=en&lang=zh) the last one counts, as in st.query_params.
+    seeded, ignored = read_query(st.query_params.to_dict())
     for name in specs():
         ss[name] = seeded[name]
+    ss[NOTICES_KEY] = ignored
     ss["_seeded"] = True
+
+
+def url_notices() -> list[tuple[str, str]]:
+    """The (key, value) pairs of this session's URL that were ignored (empty once the notice is done)."""
+    return list(st.session_state.get(NOTICES_KEY, []))
+
+
+NOTICE_VALUE_CHARS = 40  # a pasted essay in ?text= is named, not repeated
+
+
+def url_notice_text(ignored, lang: str) -> str:
+    """The notice for these ignored (key, value) pairs, in ``lang``; keys and values as inline code."""
+    def shown(value: str) -> str:
+        return value if len(value) <= NOTICE_VALUE_CHARS else value[:NOTICE_VALUE_CHARS] + "…"
+
+    items = join_list((code_span(f"{key}={shown(value)}") for key, value in ignored), lang)
+    return t("io.url_ignored", lang, items=items)
+
+
+def show_url_notices(lang: str) -> None:
+    """Say which parts of the link were ignored: from the first run until the student changes a setting.
+
+    Call it after the sidebar (which may adjust settings to each other) on every run.
+    """
+    ss = st.session_state
+    ignored = ss.get(NOTICES_KEY)
+    if not ignored:
+        return
+    now = settings(ss)
+    baseline = ss.setdefault(BASELINE_KEY, now)
+    if now != baseline:  # the student has moved on: the link's settings are history
+        ss[NOTICES_KEY] = []
+        return
+    st.warning(url_notice_text(ignored, lang), icon=":material/link:")
+
+
+def text_link_note(lang: str) -> str | None:
+    """A caption for the model's text when the page's link cannot carry it (too long), else None."""
+    ss = st.session_state
+    text = ss.get("text", "")
+    if ss.get("source") != "model" or len(text) <= URL_TEXT_CHARS:
+        return None
+    return t("io.text_not_in_link", lang, count=len(text), limit=URL_TEXT_CHARS)
+
+
+def query_for(names, values: Mapping[str, Any]) -> dict[str, str]:
+    """The query (short keys, text values) that opens these settings: only those off their defaults, lang always."""
+    want = {}
+    for name in names:
+        spec = specs().get(name)
+        value = values.get(name)
+        if spec is None or value is None:
+            continue
+        if name == "text" and len(str(value)) > URL_TEXT_CHARS:
+            continue  # the link does not carry it (text_link_note says so); it reads no longer text either
+        if value != spec.default or name == "lang":
+            want[url_key(name)] = str(value).lower() if isinstance(value, bool) else str(value)
+    return want
 
 
 def write_query_params(names) -> None:
     """Mirror the current settings into the URL under their short keys (only those that differ, to keep it short)."""
-    want = {}
-    for name in names:
-        spec = specs().get(name)
-        value = st.session_state.get(name)
-        if name == "text" and len(str(value)) > URL_TEXT_CHARS:
-            continue
-        if spec is not None and value is not None and (value != spec.default or name == "lang"):
-            want[url_key(name)] = str(value).lower() if isinstance(value, bool) else str(value)
-    if dict(st.query_params) != want:
+    want = query_for(names, st.session_state)
+    # Compare every value of every key: a dict of the query keeps one value per key and would
+    # call ?lang=en&lang=zh equal to ?lang=zh, leaving the duplicate in the address bar.
+    have = {key: list(st.query_params.get_all(key)) for key in st.query_params}
+    if have != {key: [value] for key, value in want.items()}:
         st.query_params.from_dict(want)
 
 
