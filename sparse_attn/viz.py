@@ -26,7 +26,7 @@ __all__ = [
     "scaling_plot", "log_ticks", "chunked_topk_figure", "MAX_CELLS", "MAX_TOKEN_LABELS", "MASK_CATEGORIES",
 ]
 
-MAX_CELLS = 512         # per side, beyond which maps are pooled
+MAX_CELLS = 256         # per side, beyond which maps are pooled: about the pixels a map panel has on screen
 MAX_TOKEN_LABELS = 48   # per side, up to which tokens label the axes
 LOG_FLOOR = 1e-6        # log colour scale: weights below this (and zeros) show as this
 DIFF_FLOOR = 1e-3       # difference maps: the colour scale spans at least +-this, so rounding noise shows white

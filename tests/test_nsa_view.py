@@ -9,7 +9,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from sparse_attn import viz_nsa
+from sparse_attn import viz, viz_nsa
 from sparse_attn.i18n import LANGS, t
 from sparse_attn.methods import METHODS, Config
 from sparse_attn.ops.dense import allowed_pairs, dense_attention
@@ -199,17 +199,20 @@ def test_prepare_keeps_every_head_and_both_poolings_small():
     maps = res.extras["nsa"]
     data = nsa_panel.prepare(maps, dense.weights.float(), cfg)
     pickle.dumps(data)  # st.cache_data pickles it
-    assert nsa_panel.map_cells(2, 640, 640) == 512
+    cells = nsa_panel.map_cells(2, 640, 640)
+    assert cells == viz.MAX_CELLS  # two heads fit the budget at full resolution
+    step = math.ceil(640 / cells)
+    n = math.ceil(640 / step)
     for pool in ("max", "mean"):
         for b in viz_nsa.BRANCHES:
             arr = data["maps"][pool][b]
-            assert arr.shape == (2, 320, 320) and arr.dtype == np.float16
-            want = pool_map(getattr(maps, b)[0, 1], 512, pool).values
+            assert arr.shape == (2, n, n) and arr.dtype == np.float16
+            want = pool_map(getattr(maps, b)[0, 1], cells, pool).values
             np.testing.assert_allclose(arr[1].astype(np.float32), want, rtol=2e-3, atol=1e-7)
     drawn = nsa_panel.pooled_maps(data, 1, "mean")
-    assert drawn[0].mode == "mean" and (drawn[0].step_q, drawn[0].step_k) == (2, 2) and drawn[0].shape == (640, 640)
-    assert data["blocks"]["categories"].shape == (2, 320, 40) and data["blocks"]["steps"] == (2, 1)
-    assert data["mix"]["values"].shape == (2, 320, 3)
+    assert drawn[0].mode == "mean" and (drawn[0].step_q, drawn[0].step_k) == (step, step) and drawn[0].shape == (640, 640)
+    assert data["blocks"]["categories"].shape == (2, n, 40) and data["blocks"]["steps"] == (step, 1)
+    assert data["mix"]["values"].shape == (2, n, 3)
     # the numbers are the library's, per head
     want = viz_nsa.branch_metrics(maps, dense.weights.float(), causal=True, sliding_window_size=32,
                                   selection_block_size=16, compress_block_size=16)
@@ -219,7 +222,7 @@ def test_prepare_keeps_every_head_and_both_poolings_small():
 
 def test_many_heads_at_long_sequences_stay_small():
     # 16 heads: cells per side halve until the four maps x two poolings fit the budget (L=4096 costs the same).
-    assert nsa_panel.map_cells(16, 4096, 4096) == 256 and nsa_panel.map_cells(4, 4096, 4096) == 512
+    assert nsa_panel.map_cells(16, 4096, 4096) <= viz.MAX_CELLS and nsa_panel.map_cells(4, 4096, 4096) == viz.MAX_CELLS
     for H, L in ((16, 4096), (4, 4096), (16, 1024), (1, 8192)):
         c = min(L, nsa_panel.map_cells(H, L, L))
         assert 4 * H * 2 * c * c * 2 <= nsa_panel.MAP_BYTES

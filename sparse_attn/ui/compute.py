@@ -1,6 +1,6 @@
 """The numbers and maps behind the picture, cached per settings (bounded: many students share a server).
 
-Everything cached is small: every head's maps pooled to at most 512 x 512
+Everything cached is small: every head's maps pooled to at most 256 x 256
 under both poolings (float16), small multiples to 128, and a metrics dict, so
 switching head, pooling, log scale or language recomputes nothing. The
 (B, H, L, L) tensors live only while one call runs.
