@@ -708,6 +708,21 @@ def sliding_mask(rec: Recorder, lengths=(65536, 131072)) -> None:
         torch.cuda.empty_cache()
 
 
+def float32_stages(rec: Recorder, L: int = 16384) -> None:
+    """float32 at L=16384: the window through FlexAttention against chunked SDPA, and the whole forward now."""
+    q, k, v = inputs(L, torch.float32)
+    win, scale = NSA["sliding_window_size"], D ** -0.5
+    lab = {"L": L, "dtype": "float32"}
+    with torch.no_grad():
+        rec.guard("float32", {**lab, "stage": "sliding: FlexAttention"}, lambda: timed(
+            lambda: sliding_flex.sliding_window_flex(q, k, v, win, causal=True, scale=scale)))
+        with reference_only():
+            rec.guard("float32", {**lab, "stage": "sliding: chunked SDPA"},
+                      lambda: timed(lambda: sliding_window_attention(q, k, v, win, causal=True, scale=scale)))
+        rec.guard("float32", {**lab, "stage": "nsa (now)"},
+                  lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=3))
+
+
 def ceilings(rec: Recorder) -> None:
     """The chip's two ceilings as measured here: a device-to-device copy (bytes read + written) and a bf16 matmul."""
     from triton.testing import do_bench
@@ -731,14 +746,14 @@ def check_dense(rec: Recorder) -> None:
         q, k, v, is_causal=True, enable_gqa=True), ref)})
 
 
-RUNS = {"check_dense": check_dense, "ceilings": ceilings, "sliding_mask": sliding_mask, "correctness_selected": correctness_selected, "correctness_topk": correctness_topk,
+RUNS = {"check_dense": check_dense, "ceilings": ceilings, "sliding_mask": sliding_mask, "float32": float32_stages, "correctness_selected": correctness_selected, "correctness_topk": correctness_topk,
         "correctness_compressed": correctness_compressed, "correctness_select_sliding": correctness_select_sliding,
         "tune_compressed": tune_compressed, "tune_compressed_fp32": tune_compressed_fp32, "tune_select": tune_select,
         "topk": topk_table, "nsa": nsa_table, "stages": stages,
         "peers": peers}  # tune_selected and selected pass the tuned launch along (see main)
 SECTIONS = ("check_dense", "ceilings", "correctness_selected", "correctness_topk", "correctness_compressed",
             "correctness_select_sliding", "tune_selected", "tune_compressed", "tune_compressed_fp32", "tune_select",
-            "selected", "topk", "nsa", "stages", "peers", "sliding_mask")
+            "selected", "topk", "nsa", "stages", "peers", "sliding_mask", "float32")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ def sliding_window_attention(q, k, v, sliding_window_size: int, *, causal: bool 
     Lq * (chunk + 2 * window), not Lq * Lk. Shapes as in SDPA; returns
     (B, H, Lq, Dv); a query with no key in reach (Lq > Lk) gets zeros.
 
-    On CUDA, when no gradient is needed (``dispatch.use_triton``), FlexAttention
+    On CUDA in float16 and bfloat16, when no gradient is needed, FlexAttention
     with a sliding-window block mask computes the same function in one kernel
     that visits only the key tiles the window touches (``query_chunk_size``
     does not apply there); see docs/benchmarks.md for its times on an H200.
