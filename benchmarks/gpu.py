@@ -15,6 +15,7 @@ with stride 16, a window of 512.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -26,7 +27,10 @@ import torch.nn.functional as F
 from einops import reduce
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sparse_attn.kernels import block_select
 from sparse_attn.kernels import compressed as compressed_kernel
+from sparse_attn.kernels import gate_combine
+from sparse_attn.kernels import sliding_flex
 from sparse_attn.kernels.dispatch import reference_only
 from sparse_attn.kernels.selected_block import selected_block_attention_triton
 from sparse_attn.kernels.topk_fused import fused_topk_attention, fused_topk_select
@@ -34,6 +38,7 @@ from sparse_attn.ops.dense import dense_attention
 from sparse_attn.ops.nsa import (compress_kv, compressed_attention, importance_to_selection_blocks, nsa_attention,
                                  random_block_indices, select_blocks, selected_block_attention,
                                  sliding_window_attention)
+from sparse_attn.ops.nsa import attention as nsa_module
 from sparse_attn.ops.topk import topk_attention
 from sparse_attn.timing import cuda_peak_bytes, time_fn
 
@@ -171,7 +176,7 @@ def correctness_compressed(rec: Recorder) -> None:
         (2, 12, 4, 1000, 64, 32, 16, 8, 48),      # G=3 (padded), Dv != D, selection block not a power of two
         (1, 8, 8, 777, 128, 128, 32, 32, 64),     # G=1, no overlap between compressed blocks
     ]
-    for dtype in (torch.bfloat16, torch.float16):  # float32 takes the PyTorch path (see the kernel's docstring)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):  # float32 with its own tiles (DEFAULTS_FP32)
         for causal in (True, False):
             for b, h, hkv, L, dk, dv, cbs, st, sbs in cases:
                 q = torch.randn(b, h, L, dk, device="cuda", dtype=dtype)
@@ -200,6 +205,85 @@ def correctness_compressed(rec: Recorder) -> None:
         ref = nsa_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), gates=(0.3, 0.5, 0.2), **kw)
         rec.record("correctness_compressed", {"case": "nsa_attention dispatch vs float64 CPU", "dtype": str(dtype),
                                               "rel_err": rel(out.cpu(), ref), "nan": bool(out.isnan().any())})
+
+
+def correctness_select_sliding(rec: Recorder) -> None:
+    """The fused selection against select_blocks' stable sort (exact), and the FlexAttention window against float64."""
+    cbs, st, sbs, S = (NSA[k] for k in ("compress_block_size", "compress_block_sliding_stride",
+                                        "selection_block_size", "num_selected_blocks"))
+    for L in (8192, 65536):
+        q, k, v = inputs(L)
+        _, imp = compressed_kernel.compressed_attention_triton(q, compress_kv(k, cbs, st), compress_kv(v, cbs, st),
+                                                               cbs, st, causal=True, selection_block_size=sbs,
+                                                               num_keys=L)
+        q = k = v = None
+        for causal, ni, nl in ((True, 1, 2), (False, 1, 2), (True, 0, 0), (True, 2, 3)):
+            got = block_select.select_blocks_triton(imp, S, sbs, causal=causal, num_initial_blocks=ni,
+                                                    num_local_blocks=nl)
+            with reference_only():
+                want = select_blocks(imp, S, sbs, causal=causal, num_initial_blocks=ni, num_local_blocks=nl)
+            same = (got == want).all(-1)
+            rec.record("correctness_select", {"L": L, "importance": "compressed kernel (float32)", "causal": causal,
+                                              "initial": ni, "local": nl, "rows": same.numel(),
+                                              "rows_differing": int((~same).sum()), "pass": bool(same.all())})
+        # Heavy ties: importance rounded to 3 levels, some zeros, half dtypes.
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            tied = ((imp * 3 / imp.amax(-1, keepdim=True).clamp(min=1e-30)).round() / 3).to(dtype)
+            got = block_select.select_blocks_triton(tied, S, sbs, causal=True)
+            with reference_only():
+                want = select_blocks(tied, S, sbs, causal=True)
+            same = (got == want).all(-1)
+            rec.record("correctness_select", {"L": L, "importance": f"3 levels, {str(dtype)[6:]}", "causal": True,
+                                              "rows": same.numel(), "rows_differing": int((~same).sum()),
+                                              "pass": bool(same.all())})
+        imp = None
+        torch.cuda.empty_cache()
+    for dtype, limit in ((torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 1e-4)):
+        for causal in (True, False):
+            for L, W in ((4096, 512), (3000, 100)):
+                q, k, v = inputs(L, dtype)
+                with torch.no_grad():
+                    out = sliding_window_attention(q, k, v, W, causal=causal)
+                    with reference_only():
+                        chunked = sliding_window_attention(q, k, v, W, causal=causal)
+                ref = sliding_window_attention(q.double(), k.double(), v.double(), W, causal=causal)
+                err = rel(out, ref)
+                rec.record("correctness_sliding", {"dtype": str(dtype)[6:], "causal": causal, "L": L, "window": W,
+                                                   "flex_rel_err": err, "chunked_sdpa_rel_err": rel(chunked, ref),
+                                                   "nan": bool(out.isnan().any()),
+                                                   "pass": err < limit and not bool(out.isnan().any())})
+                q = k = v = out = chunked = ref = None
+                torch.cuda.empty_cache()
+
+
+def tune_select(rec: Recorder, L: int = 65536) -> None:
+    cbs, st, sbs, S = (NSA[k] for k in ("compress_block_size", "compress_block_sliding_stride",
+                                        "selection_block_size", "num_selected_blocks"))
+    q, k, v = inputs(L)
+    _, imp = compressed_kernel.compressed_attention_triton(q, compress_kv(k, cbs, st), compress_kv(v, cbs, st),
+                                                           cbs, st, causal=True, selection_block_size=sbs, num_keys=L)
+    q = k = v = None
+    configs = [{"elements": e, "num_warps": w} for e in (1024, 2048, 4096, 8192) for w in (1, 2, 4, 8)]
+    best = _fastest(rec, "tune_select", L, configs,
+                    lambda **cfg: block_select.select_blocks_triton(imp, S, sbs, causal=True, **cfg))
+    if best is not None:
+        block_select.DEFAULTS.update(best)
+        rec.results["best_select_config"] = best
+
+
+def tune_compressed_fp32(rec: Recorder, L: int = 16384) -> None:
+    q, k, v = inputs(L, torch.float32)
+    cbs, st = NSA["compress_block_size"], NSA["compress_block_sliding_stride"]
+    kc, vc = compress_kv(k, cbs, st), compress_kv(v, cbs, st)
+    configs = [dict(rows=r, block_n=n, num_warps=w, num_stages=s)
+               for r, n, w, s in ((128, 32, 8, 2), (128, 32, 4, 2), (128, 32, 8, 1), (64, 32, 4, 2),
+                                  (128, 64, 8, 1), (64, 64, 4, 2), (256, 32, 8, 1), (256, 16, 8, 2),
+                                  (128, 16, 4, 3), (64, 32, 4, 3))]
+    best = _fastest(rec, "tune_compressed_fp32", L, configs, lambda **cfg: compressed_kernel.compressed_attention_triton(
+        q, kc, vc, cbs, st, causal=True, selection_block_size=NSA["selection_block_size"], num_keys=L, **cfg))
+    if best is not None:
+        compressed_kernel.DEFAULTS_FP32.update(best)
+        rec.results["best_compressed_fp32_config"] = best
 
 
 # --------------------------------------------------------------------------- launch tuning
@@ -338,6 +422,322 @@ def nsa_table(rec: Recorder, lengths=(8192, 16384, 32768, 65536)) -> None:
         torch.cuda.empty_cache()
 
 
+# --------------------------------------------------------------------------- stages, before and after; peers
+
+
+def _forced_reference(fn):
+    def run(*args, **kwargs):
+        with reference_only():
+            return fn(*args, **kwargs)
+    return run
+
+
+@contextlib.contextmanager
+def previous_selection_and_window():
+    """nsa_attention with select_blocks' stable sort and the chunked-SDPA window: the stages as of run 11."""
+    saved = nsa_module.select_blocks, nsa_module.sliding_window_attention
+    nsa_module.select_blocks, nsa_module.sliding_window_attention = map(_forced_reference, saved)
+    try:
+        yield
+    finally:
+        nsa_module.select_blocks, nsa_module.sliding_window_attention = saved
+
+
+@contextlib.contextmanager
+def compressed_dtypes(dtypes):
+    saved = compressed_kernel._DISPATCH_DTYPES
+    compressed_kernel._DISPATCH_DTYPES = dtypes
+    try:
+        yield
+    finally:
+        compressed_kernel._DISPATCH_DTYPES = saved
+
+
+def plain_topk(imp, S, sbs, L):
+    """Eligible blocks by torch.topk: no forcing, ties as topk leaves them (the selection before run 11)."""
+    ok = (imp > 0) & (torch.arange(imp.shape[-1], device="cuda") * sbs <= torch.arange(L, device="cuda")[:, None])
+    vals, idx = imp.masked_fill(~ok, float("-inf")).topk(S, dim=-1)
+    return idx.masked_fill(vals.isneginf(), -1)
+
+
+def stages(rec: Recorder, lengths=(16384, 65536)) -> None:
+    """Whole NSA and each stage, now and as of run 11 (select_blocks' sort, chunked-SDPA window), same process."""
+    cbs, st = NSA["compress_block_size"], NSA["compress_block_sliding_stride"]
+    sbs, S, win = NSA["selection_block_size"], NSA["num_selected_blocks"], NSA["sliding_window_size"]
+    scale = D ** -0.5
+    for L in lengths:
+        q, k, v = inputs(L)
+        lab = {"L": L, "dtype": "bfloat16"}
+        g = torch.full((B, H, L, 3), 1 / 3, device="cuda", dtype=q.dtype)
+        with torch.no_grad():
+            for name, run in PINNED_DENSE.items():
+                rec.guard("stages", {**lab, "stage": name}, lambda run=run: timed(lambda: run(q, k, v)))
+            rec.guard("stages", {**lab, "stage": "nsa (now)"},
+                      lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=7))
+            with previous_selection_and_window():
+                rec.guard("stages", {**lab, "stage": "nsa (sort + chunked SDPA window, as run 11)"},
+                          lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=7))
+            kc, vc = compress_kv(k, cbs, st), compress_kv(v, cbs, st)
+            rec.guard("stages", {**lab, "stage": "compress_kv (k and v)"},
+                      lambda: timed(lambda: (compress_kv(k, cbs, st), compress_kv(v, cbs, st))))
+            rec.guard("stages", {**lab, "stage": "compressed kernel (out + importance)"},
+                      lambda: timed(lambda: compressed_kernel.compressed_attention_triton(
+                          q, kc, vc, cbs, st, causal=True, selection_block_size=sbs, num_keys=L)))
+            out_cmp, imp = compressed_kernel.compressed_attention_triton(q, kc, vc, cbs, st, causal=True,
+                                                                         selection_block_size=sbs, num_keys=L)
+            rec.guard("stages", {**lab, "stage": "select: fused kernel (now)", **block_select.DEFAULTS},
+                      lambda: timed(lambda: select_blocks(imp, S, sbs, causal=True)))
+            with reference_only():
+                rec.guard("stages", {**lab, "stage": "select: stable sort (run 11)"},
+                          lambda: timed(lambda: select_blocks(imp, S, sbs, causal=True)))
+            rec.guard("stages", {**lab, "stage": "select: torch.topk, no forcing, no tie rule (run 10)"},
+                      lambda: timed(lambda: plain_topk(imp, S, sbs, L)))
+            idx = select_blocks(imp, S, sbs, causal=True)
+            rec.guard("stages", {**lab, "stage": "selected kernel"},
+                      lambda: timed(lambda: selected_block_attention_triton(q, k, v, idx, sbs, causal=True)))
+            out_sel = selected_block_attention_triton(q, k, v, idx, sbs, causal=True)
+            rec.guard("stages", {**lab, "stage": "sliding: FlexAttention (now)"},
+                      lambda: timed(lambda: sliding_window_attention(q, k, v, win, causal=True, scale=scale)))
+            with reference_only():
+                rec.guard("stages", {**lab, "stage": "sliding: chunked SDPA (run 11)"},
+                          lambda: timed(lambda: sliding_window_attention(q, k, v, win, causal=True, scale=scale)))
+            out_win = sliding_window_attention(q, k, v, win, causal=True, scale=scale)
+            # A shape FlexAttention could not compile would have timed the chunked path under "now": say so.
+            rec.results["flex_fallbacks"] = [str(key) for key in sliding_flex._failed]
+            rec.guard("stages", {**lab, "stage": "gates: one Triton pass (now)"},
+                      lambda: timed(lambda: gate_combine.gate_combine_triton(out_cmp, out_sel, out_win, g)))
+            ref = (g[..., 0:1].double() * out_cmp.double() + g[..., 1:2].double() * out_sel.double()
+                   + g[..., 2:3].double() * out_win.double())
+            rec.record("correctness_gate", {"L": L, "rel_err_triton": rel(gate_combine.gate_combine_triton(
+                out_cmp, out_sel, out_win, g), ref), "rel_err_addcmul": rel(torch.addcmul(torch.addcmul(
+                    out_cmp * g[..., 0:1], out_sel, g[..., 1:2]), out_win, g[..., 2:3]), ref)})
+            ref = None
+            rec.guard("stages", {**lab, "stage": "gates: two addcmul (PyTorch fallback)"},
+                      lambda: timed(lambda: torch.addcmul(torch.addcmul(out_cmp * g[..., 0:1], out_sel, g[..., 1:2]),
+                                                          out_win, g[..., 2:3])))
+            rec.guard("stages", {**lab, "stage": "gates: three products, two sums (run 11)"},
+                      lambda: timed(lambda: g[..., 0:1] * out_cmp + g[..., 1:2] * out_sel + g[..., 2:3] * out_win))
+        q = k = v = kc = vc = imp = idx = out_cmp = out_sel = out_win = g = None
+        torch.cuda.empty_cache()
+        if L > 16384:  # float32 at 65536: the PyTorch compressed path needs about 100 GiB; the kernel 1.2 s (run 12)
+            continue
+        # float32: the compressed kernel with its own tiles, against the PyTorch compressed path (L^2 memory).
+        q, k, v = inputs(L, torch.float32)
+        lab = {"L": L, "dtype": "float32", **compressed_kernel.DEFAULTS_FP32}
+        with torch.no_grad():
+            rec.guard("stages", {**lab, "stage": "nsa (now: PyTorch compressed path, fused selection, FlexAttention)"},
+                      lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=3))
+            with previous_selection_and_window():
+                rec.guard("stages", {**lab, "stage": "nsa (PyTorch compressed path, sort, chunked SDPA: run 11)"},
+                          lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=3))
+            with compressed_dtypes(compressed_kernel._DISPATCH_DTYPES + (torch.float32,)):
+                rec.guard("stages", {**lab, "stage": "nsa (float32 compressed kernel)"},
+                          lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=3))
+            kc, vc = compress_kv(k, cbs, st), compress_kv(v, cbs, st)
+            rec.guard("stages", {**lab, "stage": "compressed kernel (out + importance)"},
+                      lambda: timed(lambda: compressed_kernel.compressed_attention_triton(
+                          q, kc, vc, cbs, st, causal=True, selection_block_size=sbs, num_keys=L)))
+        q = k = v = kc = vc = None
+        torch.cuda.empty_cache()
+
+
+def _fla():
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from fla.ops.nsa.compression import parallel_nsa_compression
+            from fla.ops.nsa.parallel import parallel_nsa, parallel_nsa_fwd, parallel_nsa_topk
+            from fla.ops.utils.pooling import mean_pooling
+        import fla
+    except Exception as e:  # noqa: BLE001 - fla is optional
+        return None, f"{type(e).__name__}: {e}"
+    return dict(parallel_nsa=parallel_nsa, fwd=parallel_nsa_fwd, topk=parallel_nsa_topk, pool=mean_pooling,
+                compression=parallel_nsa_compression, version=getattr(fla, "__version__", "?")), None
+
+
+def _flex_direct(L, window):
+    """FlexAttention as a user would call it: a sliding-window block mask and torch.compile, nothing of ours."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j < window), None, None, L, L, device="cuda")
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: compiled(q, k, v, block_mask=mask, enable_gqa=True)
+
+
+def _ours_cmp_slc(q, k, v, bs, S):
+    """Compressed + importance + top-S + selected, blocks of bs, no overlap, no window (fla's parallel_nsa setup)."""
+    kc, vc = compress_kv(k, bs, bs), compress_kv(v, bs, bs)
+    out_cmp, imp = compressed_kernel.compressed_attention_triton(q, kc, vc, bs, bs, causal=True,
+                                                                 selection_block_size=bs, num_keys=k.shape[2])
+    idx = select_blocks(imp, S, bs, causal=True)
+    return out_cmp + selected_block_attention_triton(q, k, v, idx, bs, causal=True), idx
+
+
+def _float64_cmp_slc(q, k, v, bs, S):
+    q, k, v = q.double(), k.double(), v.double()
+    kc, vc = compress_kv(k, bs, bs), compress_kv(v, bs, bs)
+    out_cmp, p = compressed_attention(q, kc, vc, bs, bs, causal=True, scale=q.shape[-1] ** -0.5)
+    imp = reduce(p, "b (hk g) i n -> b hk i n", "sum", hk=k.shape[1]) @ importance_to_selection_blocks(
+        kc.shape[2], bs, bs, bs, k.shape[2], dtype=torch.float64, device=q.device)
+    idx = select_blocks(imp, S, bs, causal=True)
+    return out_cmp + selected_block_attention(q, k, v, idx, bs, causal=True), idx
+
+
+def peers(rec: Recorder, lengths=(16384, 65536)) -> None:
+    """Each stage next to its best peer on the same inputs, and every variant's error against float64."""
+    fla, why = _fla()
+    rec.results["fla"] = fla["version"] if fla else f"not importable: {why}"
+    sbs, S, win = NSA["selection_block_size"], NSA["num_selected_blocks"], NSA["sliding_window_size"]
+    t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731 - (B, H, L, D) <-> fla's (B, L, H, D)
+    scale = D ** -0.5
+
+    def fla_selected(qt, kt, vt, idx_t):
+        return fla["fwd"](qt, kt, vt, idx_t, S, sbs, scale)[0]
+
+    def fla_cmp_slc(qt, kt, vt, ones):
+        return fla["parallel_nsa"](qt, kt, vt, g_cmp=ones, g_slc=ones, block_counts=S, block_size=sbs, window_size=0)
+
+    # Correctness first, at a length where float64 references fit.
+    L = 2048
+    q, k, v = inputs(L)
+    idx = random_block_indices(B, HKV, L, L, S, sbs, True, device="cuda")
+    qd, kd, vd = q.double(), k.double(), v.double()
+    with torch.no_grad():
+        ref = dense_attention(qd, kd, vd, causal=True)
+        for name, run in PINNED_DENSE.items():
+            rec.guard("peers_correctness", {"L": L, "variant": name}, lambda run=run: {"rel_err": rel(run(q, k, v), ref)})
+        ref = sliding_window_attention(qd, kd, vd, win, causal=True)
+        rec.guard("peers_correctness", {"L": L, "variant": "sliding: ours (FlexAttention dispatch)"},
+                  lambda: {"rel_err": rel(sliding_window_attention(q, k, v, win, causal=True), ref)})
+        rec.guard("peers_correctness", {"L": L, "variant": "sliding: FlexAttention direct"},
+                  lambda: {"rel_err": rel(_flex_direct(L, win)(q, k, v), ref)})
+        ref = selected_block_attention(qd, kd, vd, idx, sbs, causal=True)
+        ours = selected_block_attention_triton(q, k, v, idx, sbs, causal=True)
+        rec.guard("peers_correctness", {"L": L, "variant": "selected: ours, random indices"},
+                  lambda: {"rel_err": rel(ours, ref)})
+        ref64, idx64 = _float64_cmp_slc(q, k, v, sbs, S)
+        mine, my_idx = _ours_cmp_slc(q, k, v, sbs, S)
+        rec.guard("peers_correctness", {"L": L, "variant": "compressed + selected (blocks of 64): ours"},
+                  lambda: {"rel_err": rel(mine, ref64),
+                           "rows_same_blocks_as_float64": ((my_idx.sort(-1).values == idx64.sort(-1).values)
+                                                           .all(-1).float().mean().item())})
+        if fla:
+            qt, kt, vt = t(q), t(k), t(v)
+            idx_t = t(idx).to(torch.int32)
+            theirs = fla_selected(qt, kt, vt, idx_t).transpose(1, 2)
+            rec.guard("peers_correctness", {"L": L, "variant": "selected: fla, same indices"},
+                      lambda: {"rel_err": rel(theirs, ref), "rel_diff_ours_vs_fla": rel(ours, theirs.double()),
+                               "max_abs_diff_ours_vs_fla": (ours.float() - theirs.float()).abs().max().item()})
+            ones = torch.ones(B, L, H, device="cuda", dtype=q.dtype)
+            rec.guard("peers_correctness", {"L": L, "variant": "compressed + selected (blocks of 64): fla parallel_nsa"},
+                      lambda: {"rel_err": rel(fla_cmp_slc(qt, kt, vt, ones).transpose(1, 2), ref64)})
+
+            def fla_blocks():
+                kc, vc = fla["pool"](kt, sbs, None), fla["pool"](vt, sbs, None)
+                _, lse = fla["compression"](qt, kc, vc, TK=L, block_size=sbs, scale=scale)
+                got = fla["topk"](qt, kc, TK=L, lse=lse, block_counts=S, block_size=sbs, scale=scale)
+                got = t(got.long())[..., :S]
+                mine_sorted = my_idx.sort(-1).values
+                return {"rows_same_blocks_as_ours": (got.sort(-1).values == mine_sorted).all(-1).float().mean().item(),
+                        "rows_same_blocks_as_float64": (got.sort(-1).values == idx64.sort(-1).values)
+                        .all(-1).float().mean().item()}
+
+            rec.guard("peers_correctness", {"L": L, "variant": "fla's top-16 selection against ours"}, fla_blocks)
+    q = k = v = qd = kd = vd = ref = ref64 = None
+    torch.cuda.empty_cache()
+
+    for L in lengths:
+        q, k, v = inputs(L)
+        idx = random_block_indices(B, HKV, L, L, S, sbs, True, device="cuda")
+        lab = {"L": L}
+        with torch.no_grad():
+            for name, run in PINNED_DENSE.items():
+                rec.guard("peers", {**lab, "stage": "dense", "variant": name}, lambda run=run: timed(lambda: run(q, k, v)))
+            rec.guard("peers", {**lab, "stage": "sliding 512", "variant": "ours (FlexAttention dispatch)"},
+                      lambda: timed(lambda: sliding_window_attention(q, k, v, win, causal=True)))
+            flex = _flex_direct(L, win)
+            rec.guard("peers", {**lab, "stage": "sliding 512", "variant": "FlexAttention direct"},
+                      lambda: timed(lambda: flex(q, k, v)))
+            rec.guard("peers", {**lab, "stage": "selected, same random indices", "variant": "ours"},
+                      lambda: timed(lambda: selected_block_attention_triton(q, k, v, idx, sbs, causal=True)))
+            rec.guard("peers", {**lab, "stage": "compressed + top-16 + selected (blocks of 64)", "variant": "ours"},
+                      lambda: timed(lambda: _ours_cmp_slc(q, k, v, sbs, S)))
+            if fla:
+                qt, kt, vt = t(q), t(k), t(v)
+                idx_t = t(idx).to(torch.int32)
+                ones = torch.ones(B, L, H, device="cuda", dtype=q.dtype)
+                rec.guard("peers", {**lab, "stage": "selected, same random indices", "variant": "fla"},
+                          lambda: timed(lambda: fla_selected(qt, kt, vt, idx_t)))
+                ours = selected_block_attention_triton(q, k, v, idx, sbs, causal=True)
+                theirs = fla_selected(qt, kt, vt, idx_t).transpose(1, 2)
+                rec.record("peers", {**lab, "stage": "selected, same random indices", "variant": "ours vs fla",
+                                     "rel_diff": rel(ours, theirs.double()),
+                                     "max_abs_diff": (ours.float() - theirs.float()).abs().max().item()})
+                ours = theirs = None
+                rec.guard("peers", {**lab, "stage": "compressed + top-16 + selected (blocks of 64)",
+                                    "variant": "fla parallel_nsa"},
+                          lambda: timed(lambda: fla_cmp_slc(qt, kt, vt, ones)))
+                qt = kt = vt = idx_t = ones = None
+        q = k = v = idx = flex = None
+        torch.cuda.empty_cache()
+
+
+def sliding_mask(rec: Recorder, lengths=(65536, 131072)) -> None:
+    """What building the sliding-window block mask costs (memory, time), and the window's time at 131072."""
+    win = NSA["sliding_window_size"]
+    for L in lengths:
+        sliding_flex._block_mask.cache_clear()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        peak = cuda_peak_bytes(lambda: sliding_flex._block_mask(L, L, win, True, "cuda:0"))
+        rec.record("sliding_mask", {"L": L, "first_build_s": time.perf_counter() - t0, "peak_extra_mib": peak / 2**20})
+        if L == 65536:  # the same mask built without compiling (as before), for the record
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            peak = cuda_peak_bytes(lambda: create_block_mask(sliding_flex._window_mod(win, True), None, None, L, L,
+                                                             device="cuda", BLOCK_SIZE=sliding_flex._BLOCK))
+            rec.record("sliding_mask", {"L": L, "uncompiled_build_peak_extra_mib": peak / 2**20})
+            torch.cuda.empty_cache()
+        q, k, v = inputs(L)
+        with torch.no_grad():
+            rec.guard("sliding_mask", {"L": L, "stage": "sliding: FlexAttention"},
+                      lambda: timed(lambda: sliding_window_attention(q, k, v, win, causal=True)))
+        q = k = v = None
+        torch.cuda.empty_cache()
+
+
+def float32_stages(rec: Recorder, L: int = 16384) -> None:
+    """float32 at L=16384: the window through FlexAttention against chunked SDPA, and the whole forward now."""
+    q, k, v = inputs(L, torch.float32)
+    win, scale = NSA["sliding_window_size"], D ** -0.5
+    lab = {"L": L, "dtype": "float32"}
+    with torch.no_grad():
+        rec.guard("float32", {**lab, "stage": "sliding: FlexAttention"}, lambda: timed(
+            lambda: sliding_flex.sliding_window_flex(q, k, v, win, causal=True, scale=scale)))
+        with reference_only():
+            rec.guard("float32", {**lab, "stage": "sliding: chunked SDPA"},
+                      lambda: timed(lambda: sliding_window_attention(q, k, v, win, causal=True, scale=scale)))
+        rec.guard("float32", {**lab, "stage": "nsa (now)"},
+                  lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=3))
+
+
+def ceilings(rec: Recorder) -> None:
+    """The chip's two ceilings as measured here: a device-to-device copy (bytes read + written) and a bf16 matmul."""
+    from triton.testing import do_bench
+
+    x = torch.randn(2**30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    rec.record("ceilings", {"what": "copy 2 GiB (read + write)", "median_ms": ms, "TB_per_s": 2 * x.numel() * 2 / ms / 1e9})
+    x = y = None
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    rec.record("ceilings", {"what": "bf16 matmul 8192^3", "median_ms": ms, "TFLOP_per_s": 2 * 8192**3 / ms / 1e9})
+    torch.cuda.empty_cache()
+
+
 def check_dense(rec: Recorder) -> None:
     """The reference everything is judged by, on the GPU: SDPA against float64 dense attention."""
     q, k, v = inputs(2048, torch.bfloat16, heads=16, kv_heads=2, head_dim=64)
@@ -346,11 +746,14 @@ def check_dense(rec: Recorder) -> None:
         q, k, v, is_causal=True, enable_gqa=True), ref)})
 
 
-RUNS = {"check_dense": check_dense, "correctness_selected": correctness_selected, "correctness_topk": correctness_topk,
-        "correctness_compressed": correctness_compressed, "tune_compressed": tune_compressed, "topk": topk_table,
-        "nsa": nsa_table}  # tune_selected and selected pass the tuned launch along (see main)
-SECTIONS = ("check_dense", "correctness_selected", "correctness_topk", "correctness_compressed", "tune_selected",
-            "tune_compressed", "selected", "topk", "nsa")
+RUNS = {"check_dense": check_dense, "ceilings": ceilings, "sliding_mask": sliding_mask, "float32": float32_stages, "correctness_selected": correctness_selected, "correctness_topk": correctness_topk,
+        "correctness_compressed": correctness_compressed, "correctness_select_sliding": correctness_select_sliding,
+        "tune_compressed": tune_compressed, "tune_compressed_fp32": tune_compressed_fp32, "tune_select": tune_select,
+        "topk": topk_table, "nsa": nsa_table, "stages": stages,
+        "peers": peers}  # tune_selected and selected pass the tuned launch along (see main)
+SECTIONS = ("check_dense", "ceilings", "correctness_selected", "correctness_topk", "correctness_compressed",
+            "correctness_select_sliding", "tune_selected", "tune_compressed", "tune_compressed_fp32", "tune_select",
+            "selected", "topk", "nsa", "stages", "peers", "sliding_mask", "float32")
 
 
 def main(argv: list[str] | None = None) -> int:

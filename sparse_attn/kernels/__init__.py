@@ -13,4 +13,9 @@ Modules:
     selected_block  NSA's selected-block branch, one program per (query, KV group)
     compressed      NSA's compressed branch + group-summed selection-block importance,
                     one program per (query block, KV group)
+    block_select    NSA's block selection (forced blocks, then top importance, lower index
+                    among ties), one program per tile of whole importance rows
+    gate_combine    NSA's gated sum of its three branch outputs, one pass
+    sliding_flex    the sliding window through PyTorch's FlexAttention (a block mask built
+                    from its tiles, one compiled kernel per shape)
 """

@@ -43,15 +43,20 @@ from ._triton import LOG2E, check_dtype, dot_precision, pow2, require_triton, tl
 
 __all__ = ["compressed_attention_triton", "triton_supports", "DEFAULTS"]
 
-# float32 tiles at the tuned defaults (16 query heads per group, head dim 128)
-# need more shared memory than an H200 has, and the launch fails (see
-# docs/benchmarks.md). So nsa_attention sends float32 to the PyTorch path; the
-# kernel itself still takes float32 where the caller picks smaller blocks.
+# float32 launches (with DEFAULTS_FP32) and is exact to 3e-7, but its IEEE dot products run
+# without the tensor cores' fast path: at L=16384 on an H200 the kernel alone took 78.8 ms,
+# where the whole PyTorch-path NSA took 113 ms and the bfloat16 kernel 1.7 ms (docs/benchmarks.md).
+# So nsa_attention keeps float32 on the PyTorch path; direct callers may still launch it.
 _DISPATCH_DTYPES = (torch.float16, torch.bfloat16)
 
 # Launch settings: the fastest of those tried on an H200 (see docs/benchmarks.md).
 # rows = query positions x padded group heads per program.
 DEFAULTS = {"rows": 256, "block_n": 64, "num_warps": 8, "num_stages": 2}
+# float32 tiles are twice the bytes: at DEFAULTS (16 query heads per group, head
+# dim 128) they need more shared memory than an H200 has (263168 bytes against
+# 232448) and the launch fails. float32 gets its own, smaller tiles: the fastest
+# of ten launches tried at L=16384 (docs/benchmarks.md).
+DEFAULTS_FP32 = {"rows": 128, "block_n": 32, "num_warps": 8, "num_stages": 2}
 
 
 def triton_supports(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> bool:
@@ -188,7 +193,8 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, *, causal=F
         selection_block_size, num_keys: when given, also return the importance of the
             ceil(num_keys / selection_block_size) selection blocks: the softmax weights summed over
             each KV group's query heads, shared out by overlap (``importance_to_selection_blocks``).
-        rows, block_n, num_warps, num_stages: launch tuning (``DEFAULTS``); results do not depend on them.
+        rows, block_n, num_warps, num_stages: launch tuning (``DEFAULTS``, ``DEFAULTS_FP32`` for float32);
+            results do not depend on them.
 
     Returns:
         out (B, H, Lq, Dv) in q's dtype, and importance (B, Hkv, Lq, Nsel) float32 (or None).
@@ -205,7 +211,8 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, *, causal=F
     if want_imp:
         check_int(selection_block_size, "selection_block_size", minimum=1)
         check_int(num_keys, "num_keys", minimum=0)
-    cfg = {**DEFAULTS, **{k: v for k, v in (("rows", rows), ("block_n", block_n), ("num_warps", num_warps),
+    base = DEFAULTS_FP32 if q.dtype == torch.float32 else DEFAULTS
+    cfg = {**base, **{k: v for k, v in (("rows", rows), ("block_n", block_n), ("num_warps", num_warps),
                                               ("num_stages", num_stages)) if v is not None}}
     G = H // Hkv
     block_g = pow2(G, 1)

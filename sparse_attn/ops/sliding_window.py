@@ -1,6 +1,8 @@
 """Sliding-window attention: each query attends to the keys within ``sliding_window_size`` positions of its own.
 
-NSA's third branch, and StreamingLLM's recent window. Shapes as in SDPA.
+NSA's third branch, and StreamingLLM's recent window. Shapes as in SDPA. On
+CUDA without autograd it runs through FlexAttention with a sliding-window
+block mask (``sparse_attn.kernels.sliding_flex``); elsewhere, chunked SDPA.
 """
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_int, check_qkv, resolve_scale
+from ..kernels import dispatch
 
 __all__ = ["sliding_window_attention", "sliding_window_mask"]
 
@@ -32,11 +35,23 @@ def sliding_window_attention(q, k, v, sliding_window_size: int, *, causal: bool 
     on query chunks, each against only its band of keys, so memory grows with
     Lq * (chunk + 2 * window), not Lq * Lk. Shapes as in SDPA; returns
     (B, H, Lq, Dv); a query with no key in reach (Lq > Lk) gets zeros.
+
+    On CUDA in float16 and bfloat16, when no gradient is needed, FlexAttention
+    with a sliding-window block mask computes the same function in one kernel
+    that visits only the key tiles the window touches (``query_chunk_size``
+    does not apply there); see docs/benchmarks.md for its times on an H200.
     """
     B, H, Hkv, Lq, Lk, D, Dv = check_qkv(q, k, v)
     check_int(sliding_window_size, "sliding_window_size", minimum=1)
     check_int(query_chunk_size, "query_chunk_size", minimum=1, allow_none=True)
     scale = resolve_scale(scale, D)
+    if dispatch.use_triton(q, k, v):  # before importing FlexAttention's module
+        from ..kernels import sliding_flex
+
+        if sliding_flex.triton_supports(q, k, v):
+            out = sliding_flex.sliding_window_flex(q, k, v, sliding_window_size, causal=causal, scale=scale)
+            if out is not None:
+                return out
     qc = query_chunk_size or _SLIDING_CHUNK
     outs = []
     for i0 in range(0, Lq, qc):

@@ -31,6 +31,7 @@ import torch
 from einops import rearrange, reduce
 
 from ..._checks import check_int, check_qkv, resolve_scale
+from ...kernels import dispatch
 from ..dense import safe_softmax
 from ..sliding_window import sliding_window_attention, sliding_window_mask
 from .compression import _compressed_fused, compress_kv, compressed_attention, mean_pool
@@ -129,6 +130,21 @@ def _dense_weights(q, k, mask, scale):
     if mask.shape[1] not in (1, q.shape[1]):
         mask = mask.repeat_interleave(q.shape[1] // mask.shape[1], dim=1)
     return safe_softmax(scores.masked_fill(~mask, float("-inf")))
+
+
+def _gate(out_cmp, out_sel, out_slide, g):
+    """g[..., 0] * compressed + g[..., 1] * selected + g[..., 2] * sliding.
+
+    On CUDA without autograd one Triton pass (``sparse_attn.kernels.gate_combine``);
+    else two fused multiply-adds, fewer passes over (B, H, Lq, Dv) than three
+    products and two sums (at long lengths each pass costs milliseconds: docs/benchmarks.md).
+    """
+    if dispatch.use_triton(out_cmp, out_sel, out_slide, g):  # before importing the kernel (and Triton)
+        from ...kernels import gate_combine
+
+        if gate_combine.triton_supports(out_cmp, out_sel, out_slide, g):
+            return gate_combine.gate_combine_triton(out_cmp, out_sel, out_slide, g)
+    return torch.addcmul(torch.addcmul(out_cmp * g[..., 0:1], out_sel, g[..., 1:2]), out_slide, g[..., 2:3])
 
 
 def nsa_attention(
@@ -248,7 +264,7 @@ def nsa_attention(
     # sliding
     out_slide = sliding_window_attention(q, k, v, sliding_window_size, causal=causal, scale=scale)
 
-    out = g[..., 0:1] * out_cmp + g[..., 1:2] * out_sel + g[..., 2:3] * out_slide
+    out = _gate(out_cmp, out_sel, out_slide, g)
     if not return_maps:
         return out
 

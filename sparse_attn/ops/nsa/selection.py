@@ -6,6 +6,7 @@ import math
 import torch
 
 from ..._checks import check_int
+from ...kernels import dispatch
 
 # Elements of importance one sort in select_blocks takes at a time: about 0.5 GiB of scratch
 # (float32 key and sorted values, int64 order).
@@ -123,6 +124,10 @@ def select_blocks(importance: torch.Tensor, num_selected: int, selection_block_s
     (ascending block index), then the others by falling importance (ascending
     index among equals), -1 in the trailing slots no eligible block fills.
     Not differentiable. Raises ValueError as ``check_forcing`` does.
+
+    On CUDA a Triton kernel (``sparse_attn.kernels.block_select``) gives the
+    same answer without the sort, for half and float32 importance with rows
+    of up to 4096 blocks; elsewhere, and for float64, the stable sort below.
     """
     check_forcing(num_selected, num_initial_blocks, num_local_blocks, selected_name="num_selected")
     check_int(selection_block_size, "selection_block_size", minimum=1)
@@ -134,6 +139,13 @@ def select_blocks(importance: torch.Tensor, num_selected: int, selection_block_s
     out = torch.full((*importance.shape[:-1], S), -1, dtype=torch.long, device=dev)
     if S == 0 or out.numel() == 0:
         return out
+    if dispatch.use_triton(importance.detach()):  # before importing the kernel (and Triton)
+        from ...kernels import block_select
+
+        if block_select.triton_supports(importance.detach()):
+            return block_select.select_blocks_triton(importance, num_selected, selection_block_size, causal=causal,
+                                                     num_initial_blocks=num_initial_blocks,
+                                                     num_local_blocks=num_local_blocks)
     forced = forced_blocks(Lq, n_sel, selection_block_size, causal=causal, num_initial_blocks=num_initial_blocks,
                            num_local_blocks=num_local_blocks, device=dev)
     starts = torch.arange(n_sel, device=dev) * selection_block_size
