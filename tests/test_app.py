@@ -93,7 +93,9 @@ def test_every_source_and_method_runs(source):
             assert len(at.tabs) == 4
         else:
             assert not at.error, [e.value for e in at.error]
-            assert len(at.get("plotly_chart")) == 2 and len(at.metric) == 7
+            # maps and head grid; NSA adds its branches, blocks and gates; the model its line view and overview
+            charts = 2 + 3 * (method == "nsa") + 2 * (source == "model")
+            assert len(at.get("plotly_chart")) == charts and len(at.metric) == 7
 
 
 def test_changing_k_changes_the_sparse_map_and_the_metrics():
@@ -261,12 +263,13 @@ def test_uploaded_file_and_pickle_through_the_app_code():
     rng = np.random.default_rng(0)
     np.savez(buf, q=rng.standard_normal((1, 2, 20, 8), dtype=np.float32),
              k=rng.standard_normal((1, 2, 20, 8), dtype=np.float32), v=rng.standard_normal((1, 2, 20, 8), dtype=np.float32))
-    data = compute.view({k: s[k] for k in compute.COMPUTE_KEYS}, 5, "max", ("qkv.npz", buf.getvalue()))
-    assert data["shape"] == (2, 20, 20) and data["head"] == 1 and 0 < data["metrics"]["mass_kept"] <= 1
+    data = compute.view({k: s[k] for k in compute.COMPUTE_KEYS}, ("qkv.npz", buf.getvalue()))
+    assert data["shape"] == (2, 20, 20) and 0 < data["metrics"]["mass_kept"] <= 1
+    assert compute.pick(data, 5, "max")["head"] == 1  # clamped to the heads the file has
     pickled = io.BytesIO()
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError) as info:
-        compute.view({k: s[k] for k in compute.COMPUTE_KEYS}, 0, "max", ("evil.npy", pickled.getvalue()))
+        compute.view({k: s[k] for k in compute.COMPUTE_KEYS}, ("evil.npy", pickled.getvalue()))
     for lang in ("en", "zh"):
         msg = errors.message(info.value, lang)
         assert "evil.npy" in msg and msg != str(info.value)

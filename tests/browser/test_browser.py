@@ -27,7 +27,9 @@ def test_page_loads_with_heatmaps_that_hold_data(page, app_url):
     expect(page.get_by_role("heading", name=t("app.title", "en"))).to_be_visible()
     assert sig[0] == sig[1] == 256 and sig[2] > 0  # the sparse map: 256 x 256 with selected keys
     dense = signature(page, MAPS, 0)
-    assert dense[2] == 256 * 256 and abs(dense[3] - 256) < 1e-2  # every dense row sums to 1
+    # Every dense row sums to 1, to the float16 the maps are sent in (weights below 6e-8 round to 0: the
+    # band's far keys, which the colour scale shows as 0 anyway).
+    assert dense[2] > 0.9 * 256 * 256 and abs(dense[3] - 256) < 256 * 1e-3
     assert page.locator("[data-testid='stException']").count() == 0
 
 

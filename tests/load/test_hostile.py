@@ -92,7 +92,8 @@ def test_the_explainer_sliders_at_their_ends(page, app_url, bystander):
     page.goto(app_url + "/?view=explain")
     wait_idle(page)
     for name in ("explain.length", "explain.chunk", "explain.k"):
-        page.locator(f"[data-testid='stMain'] input[type=range][aria-label='{t(name, 'en')}']").focus()
+        # .first: when a slider's bounds move (a shorter row), its old element can linger for a frame beside the new one
+        page.locator(f"[data-testid='stMain'] input[type=range][aria-label='{t(name, 'en')}']").first.focus()
         page.keyboard.press("End")
         wait_idle(page)
     expect(page.get_by_text(t("explain.match", "en"))).to_be_visible(timeout=30_000)
@@ -175,7 +176,9 @@ def test_rapid_clicking_during_a_timing_run(page, app_url, bystander):
         run.click(timeout=10_000)
         page.wait_for_timeout(100)
     bystander.still_fine()  # another student's maps keep coming while the timing runs
-    expect(page.get_by_text(t("speed.done", "en", n=0)[:15])).to_be_visible(timeout=180_000)
+    # Finished, or stopped at its time budget on a busy machine: either way a message, never an exception.
+    done = page.get_by_text(t("speed.done", "en", n=0)[:15])
+    expect(done.or_(page.get_by_text(t("speed.cancelled", "en", budget=0)[:15]))).to_be_visible(timeout=180_000)
     wait_idle(page, 180_000)
     assert page.locator(EXCEPTIONS).count() == 0 and page.locator(ERRORS).count() == 0
     server_up(app_url)
