@@ -1,4 +1,4 @@
-"""The served app in a real Chromium: load, heatmaps with data, the k slider, 中文, a shared URL, timing."""
+"""The served app in a real Chromium: load, heatmaps with data, the k slider, 中文, a shared URL (timing: test_charts_browser)."""
 import os
 import re
 from pathlib import Path
@@ -7,7 +7,7 @@ from playwright.sync_api import expect
 
 from sparse_attn.i18n import t
 
-from .helpers import MAPS, set_slider, signature, trace_count, wait_for_new_signature, wait_for_plot, wait_idle
+from .helpers import MAPS, set_slider, signature, wait_for_new_signature, wait_for_plot, wait_idle
 
 SHOTS = os.environ.get("SPARSE_ATTN_SCREENSHOTS")  # a folder: save the screenshots there (docs/screenshots)
 
@@ -70,17 +70,6 @@ def test_a_shared_url_restores_its_settings(page, app_url):
     assert sig[0] == sig[1] == 128
     expect(page.get_by_text(t("method.hybrid", "zh")).first).to_be_visible()
     assert re.search(r"[?&]k=8\b", page.url) and "method=hybrid" in page.url
-
-
-def test_the_timing_panel_completes(page, app_url):
-    page.goto(app_url + "/?view=speed&L=64&H=2")
-    wait_idle(page)
-    page.get_by_role("button", name=t("speed.run", "en")).click()
-    expect(page.get_by_text(re.compile(re.escape(t("speed.done", "en", n=0)[:15])))).to_be_visible(timeout=120_000)
-    wait_idle(page)
-    assert trace_count(page, "speed_chart") == 3  # dense SDPA, full-score top-k, streaming top-k
-    if SHOTS:
-        page.screenshot(path=str(Path(SHOTS) / "speed_en.png"), full_page=True)
 
 
 def test_english_screenshot_and_explainer(page, app_url):

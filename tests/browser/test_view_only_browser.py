@@ -51,3 +51,13 @@ def test_view_only_changes_do_not_recompute(page, counted_app):
     wait_idle(page)
     assert _calls(log) == first + 1  # k changes the attention: computed once more
     assert page.locator("[data-testid='stException']").count() == 0
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_a_budget_that_keeps_every_key_says_so(page, counted_app, lang):
+    url, _ = counted_app
+    page.goto(url + f"/?L=32&k=32&lang={lang}")
+    wait_idle(page)
+    wait_for_plot(page)
+    expect(page.get_by_text(t("note.all_keys_kept", lang, keys=32))).to_be_visible(timeout=30_000)
+    assert page.locator("[data-testid='stException']").count() == 0
