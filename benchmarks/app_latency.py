@@ -44,6 +44,19 @@ def _open(page, url: str, L: int):
     return wait_for_plot(page, timeout=TIMEOUT)
 
 
+def _click(page, locator) -> float:
+    """Click the element's centre with the mouse and return the start time.
+
+    Playwright's own ``click`` first waits for the element to be visible,
+    stable and enabled (animation frames on a busy page): the driver's time,
+    not the app's. The element is found first; the clock starts at the click.
+    """
+    box = locator.bounding_box()
+    start = time.perf_counter()
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    return start
+
+
 def _change_and_wait(page, kind: str, i: int, sig, lang: str):
     """Make change number ``i`` of ``kind``; return (seconds, new signature, language now shown)."""
     if kind == "k":
@@ -52,18 +65,12 @@ def _change_and_wait(page, kind: str, i: int, sig, lang: str):
         # Alternate up and down so k stays near its default (32) and every press changes the map.
         page.keyboard.press("ArrowRight" if i % 2 == 0 else "ArrowLeft")
     elif kind == "pool":
-        target = page.get_by_text(t("viz.pool_mean" if i % 2 == 0 else "viz.pool_max", lang), exact=True)
-        start = time.perf_counter()
-        target.click()
+        start = _click(page, page.get_by_text(t("viz.pool_mean" if i % 2 == 0 else "viz.pool_max", lang), exact=True))
     elif kind == "log":
-        target = page.get_by_text(t("setting.log", lang), exact=True)
-        start = time.perf_counter()
-        target.click()
+        start = _click(page, page.get_by_text(t("setting.log", lang), exact=True))
     else:  # lang
         new = "zh" if lang == "en" else "en"
-        target = page.locator("[data-testid='stSidebar']").get_by_text(LANG_NAMES[new], exact=True)
-        start = time.perf_counter()
-        target.click()
+        start = _click(page, page.locator("[data-testid='stSidebar']").get_by_text(LANG_NAMES[new], exact=True))
         page.get_by_role("heading", name=t("app.title", new)).wait_for(timeout=TIMEOUT)
         page.wait_for_selector(IDLE, timeout=TIMEOUT)
         return time.perf_counter() - start, signature(page), new

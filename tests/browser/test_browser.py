@@ -10,6 +10,7 @@ from sparse_attn.i18n import t
 from .helpers import MAPS, set_slider, signature, wait_for_new_signature, wait_for_plot, wait_idle
 
 SHOTS = os.environ.get("SPARSE_ATTN_SCREENSHOTS")  # a folder: save the screenshots there (docs/screenshots)
+NSA_LESSON_ZH = "lang=zh&lesson=nsa&pattern=sink_local&method=nsa&block=16&nblocks=4&window=32&initial=1&local=2&log=true"
 
 
 def open_app(page, url, query=""):
@@ -58,9 +59,9 @@ def test_switching_to_chinese_shows_chinese_labels(page, app_url):
         expect(page.get_by_text(t(key, "zh"), exact=True).first).to_be_visible()
     expect(k_slider(page, "zh")).to_be_visible()
     assert "lang=zh" in page.url
-    if SHOTS:
-        wait_for_plot(page)
-        page.screenshot(path=str(Path(SHOTS) / "app_zh.png"), full_page=True)
+    if SHOTS:  # the README's Chinese picture: the NSA lesson
+        open_app(page, app_url, "?" + NSA_LESSON_ZH)
+        page.screenshot(path=str(Path(SHOTS) / "app_zh.png"))
 
 
 def test_a_shared_url_restores_its_settings(page, app_url):
@@ -73,9 +74,9 @@ def test_a_shared_url_restores_its_settings(page, app_url):
 
 
 def test_english_screenshot_and_explainer(page, app_url):
-    open_app(page, app_url, "?pattern=sink_local&L=128&k=16&causal=true&log=true")
-    if SHOTS:
-        page.screenshot(path=str(Path(SHOTS) / "app_en.png"), full_page=True)
+    open_app(page, app_url, "?lesson=sinks&pattern=sink_local&method=topk&k=16&log=true&view=maps")
+    if SHOTS:  # the README's English picture
+        page.screenshot(path=str(Path(SHOTS) / "app_en.png"))
     page.get_by_role("tab", name=t("tab.explain", "en")).click()
     wait_idle(page)
     expect(page.get_by_text(t("explain.match", "en"))).to_be_visible(timeout=30_000)
