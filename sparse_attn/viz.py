@@ -22,7 +22,7 @@ from ._checks import check_choice, check_int, check_number
 from .i18n import normalize_lang, t
 
 __all__ = [
-    "Pooled", "pool_map", "heatmap", "attention_maps", "head_grid", "budget_curve", "CURVE_METRICS",
+    "Pooled", "pool_map", "pool_cells", "heatmap", "attention_maps", "head_grid", "budget_curve", "CURVE_METRICS",
     "scaling_plot", "log_ticks", "chunked_topk_figure", "MAX_CELLS", "MAX_TOKEN_LABELS", "MASK_CATEGORIES",
 ]
 
@@ -71,17 +71,22 @@ def pool_map(m, max_cells: int = MAX_CELLS, mode: str = "max", *, signed: bool =
     sq, sk = max(1, math.ceil(Lq / max_cells)), max(1, math.ceil(Lk / max_cells))
     if sq == 1 and sk == 1:
         return Pooled(x.numpy(), 1, 1, "none", (Lq, Lk))
-    img = x[None, None]
+    return Pooled(pool_cells(x[None], sq, sk, mode, signed=signed)[0].numpy(), sq, sk, mode, (Lq, Lk))
+
+
+def pool_cells(x: torch.Tensor, step_q: int, step_k: int, mode: str, *, signed: bool = False) -> torch.Tensor:
+    """The pooling rule of ``pool_map`` on maps (N, Lq, Lk): cells of step_q x step_k, the last ones ragged."""
+    img = x[None]
     if mode == "mean":
         # count_include_pad=False: a ragged last cell averages only its real entries.
-        out = F.avg_pool2d(img, (sq, sk), ceil_mode=True, count_include_pad=False)
+        out = F.avg_pool2d(img, (step_q, step_k), ceil_mode=True, count_include_pad=False)
     elif signed:
-        hi = F.max_pool2d(img, (sq, sk), ceil_mode=True)
-        lo = -F.max_pool2d(-img, (sq, sk), ceil_mode=True)
+        hi = F.max_pool2d(img, (step_q, step_k), ceil_mode=True)
+        lo = -F.max_pool2d(-img, (step_q, step_k), ceil_mode=True)
         out = torch.where(hi.abs() >= lo.abs(), hi, lo)
     else:
-        out = F.max_pool2d(img, (sq, sk), ceil_mode=True)
-    return Pooled(out[0, 0].numpy(), sq, sk, mode, (Lq, Lk))
+        out = F.max_pool2d(img, (step_q, step_k), ceil_mode=True)
+    return out[0]
 
 
 def _pool_note(p: Pooled, lang: str) -> str:

@@ -16,12 +16,11 @@ from typing import NamedTuple
 import numpy as np
 import streamlit as st
 import torch
-import torch.nn.functional as F
 
 from sparse_attn import metrics
 from sparse_attn.methods import METHODS, Config, shape_of
 from sparse_attn.ops.dense import allowed_pairs
-from sparse_attn.viz import MAX_CELLS, Pooled
+from sparse_attn.viz import MAX_CELLS, Pooled, pool_cells
 
 from . import errors, inputs, nsa_panel
 from .memory import check_budget
@@ -85,16 +84,7 @@ def _pool(x: torch.Tensor, mode: str, cells: int = MAX_CELLS, *, signed: bool = 
     sq, sk = max(1, math.ceil(Lq / cells)), max(1, math.ceil(Lk / cells))
     if sq == 1 and sk == 1:
         return Maps(x.numpy(), 1, 1, "none", (Lq, Lk))
-    img = x[None]
-    if mode == "mean":
-        out = F.avg_pool2d(img, (sq, sk), ceil_mode=True, count_include_pad=False)
-    elif signed:
-        hi = F.max_pool2d(img, (sq, sk), ceil_mode=True)
-        lo = -F.max_pool2d(-img, (sq, sk), ceil_mode=True)
-        out = torch.where(hi.abs() >= lo.abs(), hi, lo)
-    else:
-        out = F.max_pool2d(img, (sq, sk), ceil_mode=True)
-    return Maps(out[0].numpy(), sq, sk, mode, (Lq, Lk))
+    return Maps(pool_cells(x, sq, sk, mode, signed=signed).numpy(), sq, sk, mode, (Lq, Lk))
 
 
 def _derived(m: Maps, values: np.ndarray, mode: str) -> Maps:
