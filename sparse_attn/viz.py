@@ -89,6 +89,59 @@ def pool_cells(x: torch.Tensor, step_q: int, step_k: int, mode: str, *, signed: 
     return out[0]
 
 
+# ---- figures as plain dicts -------------------------------------------------------------------
+# Plotly's object model validates every property through a chain of Python calls: make_subplots plus
+# add_trace and update_*axes took 0.15-0.3 s per map figure, on every rerun of a classroom server. The map
+# builders below assemble plain dicts (the same layout make_subplots makes) and wrap them once, unvalidated;
+# the tests rebuild every figure with validation on, so a misspelled property still fails there.
+
+def _figure(data: list[dict], layout: dict) -> go.Figure:
+    return go.Figure(dict(data=data, layout=layout), _validate=False)
+
+
+def _axis_id(i: int) -> str:
+    """Plotly's suffix of the i-th subplot's axes (0-based): "" for the first, then 2, 3, ..."""
+    return "" if i == 0 else str(i + 1)
+
+
+def _subplots(rows: int, cols: int, titles: Sequence[str] | None = None, *, horizontal_spacing: float,
+              vertical_spacing: float) -> dict:
+    """The layout ``make_subplots`` gives (axis domains and anchors, titles as annotations), as a dict."""
+    w = (1 - horizontal_spacing * (cols - 1)) / cols
+    h = (1 - vertical_spacing * (rows - 1)) / rows
+    layout, notes = {}, []
+    for r in range(rows):
+        for c in range(cols):
+            n = _axis_id(r * cols + c)
+            x0, y1 = c * (w + horizontal_spacing), 1 - r * (h + vertical_spacing)
+            # Rounded into [0, 1]: 1 - 0.57 - 0.43 is -5.6e-17, which plotly refuses as a domain.
+            layout["xaxis" + n] = dict(anchor="y" + n, domain=[_unit(x0), _unit(x0 + w)])
+            layout["yaxis" + n] = dict(anchor="x" + n, domain=[_unit(y1 - h), _unit(y1)])
+            if titles is not None and r * cols + c < len(titles):
+                notes.append(dict(text=titles[r * cols + c], x=x0 + w / 2, y=y1, xref="paper", yref="paper",
+                                  xanchor="center", yanchor="bottom", showarrow=False, font=dict(size=16)))
+    layout["annotations"] = notes
+    return layout
+
+
+def _unit(x: float) -> float:
+    return min(1.0, max(0.0, round(x, 12)))
+
+
+def _compact(z: np.ndarray) -> np.ndarray:
+    """float32 with the low 13 mantissa bits zeroed (float16's precision, float32's range).
+
+    Plotly.js reads no float16, so maps go as float32; with the dropped bits zero,
+    the websocket's compression shrinks them about four times. The hover's three
+    significant digits need the 11 bits kept (relative error at most 2**-11).
+    """
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    bits = z.view(np.uint32)
+    finite = np.isfinite(z)
+    rounded = ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+    return np.where(finite, rounded, z)
+
+
 def _pool_note(p: Pooled, lang: str) -> str:
     if p.mode == "none":
         return ""
@@ -160,21 +213,19 @@ def _weight_value(p: Pooled, log: bool, lang: str) -> str:
 
 
 def _trace(p: Pooled, *, log: bool, coloraxis: str | None, name: str, tokens: Sequence[str] | None = None,
-           value: str | None = None, words: _Words | None = None, lang: str = "en", **kw) -> go.Heatmap:
-    """One map as a heatmap on category axes; ``value`` is the hover's text for z (default: the weight)."""
+           value: str | None = None, words: _Words | None = None, lang: str = "en", **kw) -> dict:
+    """One map as a heatmap trace (a dict) on category axes; ``value`` is the hover's text for z (default: the weight)."""
     z = p.values
     if log:
         z = np.log10(np.maximum(z, LOG_FLOOR))
     if z.dtype != np.uint8:  # uint8 stays: a category map needs one byte per cell, not four
-        z = z.astype(np.float32)
+        z = _compact(z)
     Lq, Lk = p.shape
     value = _weight_value(p, log, lang) if value is None else value
     if coloraxis:
         kw["coloraxis"] = coloraxis
-    return go.Heatmap(
-        z=z, x=_cell_labels(Lk, p.step_k, tokens), y=_cell_labels(Lq, p.step_q, tokens),
-        name=name, hovertemplate=_hover(p, value, name, words or _words(lang), lang), **kw,
-    )
+    return dict(type="heatmap", z=z, x=_cell_labels(Lk, p.step_k, tokens), y=_cell_labels(Lq, p.step_q, tokens),
+                name=name, hovertemplate=_hover(p, value, name, words or _words(lang), lang), **kw)
 
 
 def _axes(p: Pooled, tokens: Sequence[str] | None, **kw) -> tuple[dict, dict]:
@@ -205,16 +256,15 @@ def heatmap(m, *, title: str | None = None, x_title: str | None = None, y_title:
     """
     p = pool_map(m, max_cells, pool)
     title = t("viz.attention_map", lang) if title is None else title
-    fig = go.Figure(_trace(p, log=log, coloraxis="coloraxis", name=title, tokens=tokens,
-                           words=_words(lang, y_title, x_title), lang=lang))
+    trace = _trace(p, log=log, coloraxis="coloraxis", name=title, tokens=tokens, words=_words(lang, y_title, x_title),
+                   lang=lang)
     xa, ya = _axes(p, tokens)
-    fig.update_layout(
-        title=title + _pool_note(p, lang),
+    return _figure([trace], dict(
+        title=dict(text=title + _pool_note(p, lang)),
         coloraxis=dict(colorscale=SEQUENTIAL, cmin=zmin, cmax=zmax, colorbar=_colorbar(log)),
-        xaxis={**xa, "title": x_title or t("viz.key_axis", lang)},
-        yaxis={**ya, "title": y_title or t("viz.query_axis", lang)},
-    )
-    return fig
+        xaxis={**xa, "title": dict(text=x_title or t("viz.key_axis", lang))},
+        yaxis={**ya, "title": dict(text=y_title or t("viz.query_axis", lang))},
+    ))
 
 
 # Mask categories: catalog key and colour ramp (light: few of a pooled cell's keys, full: all of them).
@@ -233,7 +283,7 @@ def _as_mask(m, max_cells: int, pool: str) -> Pooled:
     return pool_map(_as_2d(torch.as_tensor(m)).float(), max_cells, pool)
 
 
-def _mask_traces(msk: Pooled, exact: Pooled | None, *, name: str, tokens, lang: str) -> list:
+def _mask_traces(msk: Pooled, exact: Pooled | None, *, name: str, tokens, lang: str) -> list[dict]:
     """One heatmap per category (not selected / selected, or not selected / sampled / top-k exact), each with
     a legend entry.
 
@@ -266,9 +316,9 @@ def _mask_traces(msk: Pooled, exact: Pooled | None, *, name: str, tokens, lang: 
                              lang=lang, colorscale=[[0, light], [1, full]], zmin=0, zmax=1, showscale=False,
                              hoverongaps=False, legendgroup=f"mask_{cat}"))
         # A heatmap's own legend entry is a colour ramp; a square marker reads as "this colour means".
-        traces.append(go.Scatter(x=[None], y=[None], mode="markers", name=label, legendgroup=f"mask_{cat}",
-                                 marker=dict(symbol="square", size=13, color=full, line=dict(color="#888", width=1)),
-                                 hoverinfo="skip"))
+        traces.append(dict(type="scatter", x=[None], y=[None], mode="markers", name=label, legendgroup=f"mask_{cat}",
+                           marker=dict(symbol="square", size=13, color=full, line=dict(color="#888", width=1)),
+                           hoverinfo="skip"))
     return traces
 
 
@@ -298,36 +348,40 @@ def attention_maps(dense, sparse, mask, *, diff=None, mask_exact=None, log: bool
     diff = pool_map(diff, max_cells, pool, signed=True)
     method_name = method_name or t("viz.sparse", lang)
     names = [t("viz.dense", lang), method_name, t("viz.mask", lang), t("viz.difference", lang)]
-    fig = make_subplots(rows=2, cols=2, subplot_titles=names, horizontal_spacing=0.1, vertical_spacing=0.14)
+    layout = _subplots(2, 2, names, horizontal_spacing=0.1, vertical_spacing=0.14)
     top = float(max(d.values.max(initial=0), s.values.max(initial=0)))
-    fig.add_trace(_trace(d, log=log, coloraxis="coloraxis", name=names[0], tokens=tokens, lang=lang), 1, 1)
-    fig.add_trace(_trace(s, log=log, coloraxis="coloraxis", name=names[1], tokens=tokens, lang=lang), 1, 2)
-    fig.add_trace(_trace(diff, log=False, coloraxis="coloraxis2", name=names[3], tokens=tokens, lang=lang,
-                         value=t("charts.hover_difference", lang, d="%{z:+.3g}")), 2, 2)
-    for tr in _mask_traces(msk, exact, name=names[2], tokens=tokens, lang=lang):
-        fig.add_trace(tr, 2, 1)
+    data = [_trace(d, log=log, coloraxis="coloraxis", name=names[0], tokens=tokens, lang=lang),
+            dict(_trace(s, log=log, coloraxis="coloraxis", name=names[1], tokens=tokens, lang=lang), xaxis="x2", yaxis="y2"),
+            dict(_trace(diff, log=False, coloraxis="coloraxis2", name=names[3], tokens=tokens, lang=lang,
+                        value=t("charts.hover_difference", lang, d="%{z:+.3g}")), xaxis="x4", yaxis="y4")]
+    data += [dict(tr, xaxis="x3", yaxis="y3") for tr in _mask_traces(msk, exact, name=names[2], tokens=tokens, lang=lang)]
     # A floor on the scale: float32 rounding (about 1e-8) would otherwise fill the whole colour range
     # and look like error; differences below DIFF_FLOOR stay white.
     lim = max(float(np.abs(diff.values).max(initial=0)), DIFF_FLOOR)
-    fig.update_layout(
-        title=(title or t("viz.maps_title", lang)) + _pool_note(d, lang),
+    layout.update(
+        title=dict(text=(title or t("viz.maps_title", lang)) + _pool_note(d, lang)),
         coloraxis=dict(colorscale=SEQUENTIAL, cmin=math.log10(LOG_FLOOR) if log else 0.0,
                        cmax=math.log10(max(top, LOG_FLOOR)) if log else top,
-                       colorbar=_colorbar(log, x=1.0, y=0.79, len=0.42, title=t("viz.weight", lang))),
+                       colorbar=_colorbar(log, x=1.0, y=0.79, len=0.42, title=dict(text=t("viz.weight", lang)))),
         coloraxis2=dict(colorscale=DIVERGING, cmin=-lim, cmax=lim,
-                        colorbar=dict(x=1.0, y=0.21, len=0.42, title=t("viz.difference_short", lang))),
+                        colorbar=dict(x=1.0, y=0.21, len=0.42, title=dict(text=t("viz.difference_short", lang)))),
         legend=dict(orientation="h", x=0, xanchor="left", y=-0.085, yanchor="top",
-                    title=t("charts.mask_legend", lang)),
+                    title=dict(text=t("charts.mask_legend", lang))),
         height=860, margin=dict(t=90, b=90),
     )
-    # Axis titles only on the outer edges: every panel shares them, and an inner title would sit on
-    # the neighbouring panel ("query position" on the dense map, "key position" on the mask's title).
-    xa, ya = _axes(d, tokens)
-    for i in (1, 2):
-        for j in (1, 2):
-            fig.update_xaxes({**xa, "title": t("viz.key_axis", lang) if i == 2 else None}, row=i, col=j)
-            fig.update_yaxes({**ya, "title": t("viz.query_axis", lang) if j == 1 else None}, row=i, col=j)
-    return fig
+    _outer_titles(layout, _axes(d, tokens), 2, 2, lang)
+    return _figure(data, layout)
+
+
+def _outer_titles(layout: dict, axes: tuple[dict, dict], rows: int, cols: int, lang: str, **y_extra) -> None:
+    """Every panel's axes, with titles only on the outer edges: every panel shares them, and an inner title
+    would sit on the neighbouring panel ("query position" on the dense map, "key position" on the mask's title)."""
+    xa, ya = axes
+    for r in range(rows):
+        for c in range(cols):
+            n = _axis_id(r * cols + c)
+            layout["xaxis" + n].update(xa, title=dict(text=t("viz.key_axis", lang) if r == rows - 1 else None))
+            layout["yaxis" + n].update(ya, title=dict(text=t("viz.query_axis", lang) if c == 0 else None), **y_extra)
 
 
 def head_grid(weights, *, log: bool = False, max_cells: int = 128, pool: str = "max", cols: int = 4,
@@ -347,25 +401,28 @@ def head_grid(weights, *, log: bool = False, max_cells: int = 128, pool: str = "
     cols = max(1, min(cols, H))
     rows = math.ceil(H / cols)
     names = [t("viz.head_n", lang, h=h) for h in range(H)]
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.06,
-                        vertical_spacing=min(0.3, 70 / (290 * rows)))
+    layout = _subplots(rows, cols, names, horizontal_spacing=0.06, vertical_spacing=min(0.3, 70 / (290 * rows)))
     pooled = [pool_map(w[h], max_cells, pool) for h in range(H)]
     top = max(float(p.values.max(initial=0)) for p in pooled)
+    data = []
     for h, p in enumerate(pooled):
-        r, c = h // cols + 1, h % cols + 1
-        fig.add_trace(_trace(p, log=log, coloraxis="coloraxis", name=names[h], lang=lang), r, c)
+        n = _axis_id(h)
+        data.append(dict(_trace(p, log=log, coloraxis="coloraxis", name=names[h], lang=lang),
+                         xaxis="x" + n, yaxis="y" + n))
         xa, ya = _axes(p, None, max_ticks=4)
-        fig.update_xaxes({**xa, "title": t("viz.key_axis", lang) if r == rows else None}, row=r, col=c)
-        fig.update_yaxes({**ya, "title": t("viz.query_axis", lang) if c == 1 else None, "constrain": "domain",
-                          "scaleanchor": fig.data[-1].xaxis}, row=r, col=c)
-    fig.update_xaxes(constrain="domain")
-    fig.update_layout(
-        title=(title or t("viz.heads_title", lang)) + _pool_note(pooled[0], lang),
+        r, c = divmod(h, cols)
+        # Square panels: each y axis is scaled to its own x axis, inside the panel's domain.
+        layout["xaxis" + n].update(xa, constrain="domain",
+                                   title=dict(text=t("viz.key_axis", lang) if r == rows - 1 else None))
+        layout["yaxis" + n].update(ya, constrain="domain", scaleanchor="x" + n,
+                                   title=dict(text=t("viz.query_axis", lang) if c == 0 else None))
+    layout.update(
+        title=dict(text=(title or t("viz.heads_title", lang)) + _pool_note(pooled[0], lang)),
         coloraxis=dict(colorscale=SEQUENTIAL, cmin=math.log10(LOG_FLOOR) if log else 0.0,
                        cmax=math.log10(max(top, LOG_FLOOR)) if log else top, colorbar=_colorbar(log)),
         height=290 * rows + 120, margin=dict(t=80, b=60),
     )
-    return fig
+    return _figure(data, layout)
 
 
 # Sweep columns (sparse_attn.sweep.COLUMNS) a budget curve can show, and the catalog key of each one's axis label.

@@ -21,14 +21,13 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
-from plotly.subplots import make_subplots
 
 from ._checks import check_int
 from .i18n import t
 from .ops.dense import allowed_pairs
 from .ops.nsa import compressed_visibility
-from .viz import (LOG_FLOOR, MAX_CELLS, SEQUENTIAL, Pooled, _axes, _cell_axis, _cell_labels, _colorbar, _pool_note, _trace,
-                  _words, pool_map)
+from .viz import (LOG_FLOOR, MAX_CELLS, SEQUENTIAL, Pooled, _axes, _axis_id, _cell_axis, _cell_labels, _colorbar,
+                  _figure, _outer_titles, _pool_note, _subplots, _trace, _words, pool_map)
 
 __all__ = [
     "BRANCHES", "MIX_BRANCHES", "METRIC_ROWS", "NOT_PICKED", "PICKED", "FORCED", "BlockGrid", "RowMix",
@@ -301,25 +300,19 @@ def nsa_branch_maps(compressed, selected, sliding, combined, *, log: bool = Fals
     if len({p.shape for p in pooled}) != 1 or len({(p.step_q, p.step_k) for p in pooled}) != 1:
         raise ValueError(f"the four maps must have one shape and pooling, got {[p.shape for p in pooled]}")
     names = [t(f"nsa.map.{b}", lang) for b in BRANCHES]
-    fig = make_subplots(rows=2, cols=2, subplot_titles=names, horizontal_spacing=0.1, vertical_spacing=0.14)
-    for n, (p, name) in enumerate(zip(pooled, names)):
-        fig.add_trace(_trace(p, log=log, coloraxis="coloraxis", name=name, tokens=tokens, lang=lang),
-                      n // 2 + 1, n % 2 + 1)
+    layout = _subplots(2, 2, names, horizontal_spacing=0.1, vertical_spacing=0.14)
+    data = [dict(_trace(p, log=log, coloraxis="coloraxis", name=name, tokens=tokens, lang=lang),
+                 xaxis="x" + _axis_id(n), yaxis="y" + _axis_id(n)) for n, (p, name) in enumerate(zip(pooled, names))]
     top = max(float(np.max(p.values, initial=0)) for p in pooled)
-    fig.update_layout(
-        title=(title or t("nsa.maps_title", lang)) + _pool_note(pooled[0], lang),
+    layout.update(
+        title=dict(text=(title or t("nsa.maps_title", lang)) + _pool_note(pooled[0], lang)),
         coloraxis=dict(colorscale=SEQUENTIAL, cmin=math.log10(LOG_FLOOR) if log else 0.0,
                        cmax=math.log10(max(top, LOG_FLOOR)) if log else top,
-                       colorbar=_colorbar(log, title=t("viz.weight", lang))),
+                       colorbar=_colorbar(log, title=dict(text=t("viz.weight", lang)))),
         height=860, margin=dict(t=90, b=60),
     )
-    # Axis titles on the outer edges only: an inner one would sit on the neighbouring panel's title.
-    xa, ya = _axes(pooled[0], tokens)
-    for i in (1, 2):
-        for j in (1, 2):
-            fig.update_xaxes({**xa, "title": t("viz.key_axis", lang) if i == 2 else None}, row=i, col=j)
-            fig.update_yaxes({**ya, "title": t("viz.query_axis", lang) if j == 1 else None}, row=i, col=j)
-    return fig
+    _outer_titles(layout, _axes(pooled[0], tokens), 2, 2, lang)
+    return _figure(data, layout)
 
 
 def _grid_note(grid: BlockGrid, lang: str) -> str:
@@ -349,7 +342,7 @@ def block_selection_map(grid: BlockGrid, *, tokens: Sequence[str] | None = None,
     Lq, Nsel = grid.shape
     # Tokens label queries only; a block is never one token unless blocks are one key long.
     q_tokens = tokens if tokens is not None and len(tokens) == Lq and (grid.block_size == 1 or Nsel != Lq) else None
-    fig = go.Figure()
+    data = []
     for kind, (key, colour) in enumerate(zip(CATEGORY_KEYS, CATEGORY_COLOURS)):
         where = cats == kind
         if not where.any():
@@ -359,16 +352,15 @@ def block_selection_map(grid: BlockGrid, *, tokens: Sequence[str] | None = None,
                     name=name, tokens=q_tokens, value=t(value_key, lang, kind=name),
                     words=words, lang=lang,
                     colorscale=[[0, colour], [1, colour]], showscale=False, hoverongaps=False, showlegend=True)
-        fig.add_trace(tr.update(hovertemplate=tr.hovertemplate.split("<extra>")[0] + "<extra></extra>"))
+        data.append(dict(tr, hovertemplate=tr["hovertemplate"].split("<extra>")[0] + "<extra></extra>"))
     xa, ya = _axes(cell, q_tokens)
-    fig.update_layout(
-        title=(title or t("nsa.blocks_title", lang)) + _grid_note(grid, lang),
-        xaxis={**xa, "title": t("nsa.block_axis", lang, size=grid.block_size)},
-        yaxis={**ya, "title": t("viz.query_axis", lang)},
+    return _figure(data, dict(
+        title=dict(text=(title or t("nsa.blocks_title", lang)) + _grid_note(grid, lang)),
+        xaxis={**xa, "title": dict(text=t("nsa.block_axis", lang, size=grid.block_size))},
+        yaxis={**ya, "title": dict(text=t("viz.query_axis", lang))},
         legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, xanchor="left"),
         plot_bgcolor="white", height=560, margin=dict(t=110),
-    )
-    return fig
+    ))
 
 
 def gate_mix(mix: RowMix, *, equal_gates: bool = False, title: str | None = None, lang: str = "en") -> go.Figure:

@@ -132,7 +132,7 @@ def test_hybrid_masks_from_pooled_maps_and_under_mean_pooling():
     np.testing.assert_array_equal(~np.isnan(z_of(top)), pooled["exact"].values > 0)
     # Mean pooling: the colour's depth and the hover are the share of the cell's keys that were selected.
     np.testing.assert_allclose(z_of(top)[pooled["exact"].values > 0],
-                               pooled["mask"].values[pooled["exact"].values > 0], rtol=1e-6)
+                               pooled["mask"].values[pooled["exact"].values > 0], rtol=2**-11)
     assert "%{z:.0%}" in top.hovertemplate
     with pytest.raises(ValueError, match="mask_exact"):
         viz.attention_maps(dense, sparse, mask, mask_exact=viz.pool_map(exact.float(), 100))

@@ -72,7 +72,8 @@ def test_attention_maps_share_one_colour_scale_and_show_the_difference():
     d, s, diff, not_selected, selected = heatmaps(fig)
     assert d.coloraxis == s.coloraxis == "coloraxis" and diff.coloraxis != d.coloraxis
     assert fig.layout.coloraxis.cmax == pytest.approx(max(dense.max(), sparse.max()).item())
-    np.testing.assert_allclose(z_of(diff), (sparse - dense).numpy(), atol=1e-6)
+    # Sent at float16's precision in float32 (viz._compact): three significant digits, as the hover shows.
+    np.testing.assert_allclose(z_of(diff), (sparse - dense).numpy(), rtol=2**-11, atol=0)
     # The mask is split by category: "not selected" under every cell, "selected" above it on its own cells.
     np.testing.assert_array_equal(~np.isnan(z_of(selected)), mask.numpy())
     assert z_of(not_selected).dtype == np.uint8 and z_of(not_selected).shape == mask.shape
@@ -97,7 +98,7 @@ def test_large_maps_are_pooled_and_say_so():
 def test_log_scale_shows_log10_weights():
     dense, sparse, mask = _maps(16)
     fig = viz.attention_maps(dense, sparse, mask, log=True)
-    np.testing.assert_allclose(z_of(fig.data[0]), np.log10(np.maximum(dense.numpy(), viz.LOG_FLOOR)), rtol=1e-5)
+    np.testing.assert_allclose(z_of(fig.data[0]), np.log10(np.maximum(dense.numpy(), viz.LOG_FLOOR)), rtol=2**-11)
 
 
 def test_tokens_label_the_axes_only_when_few():
@@ -269,3 +270,60 @@ def test_the_difference_scale_has_a_floor_so_rounding_noise_stays_white():
     real[3, 5] += 0.25  # a real error spans the scale
     fig = viz.attention_maps(dense, real, torch.ones(16, 16, dtype=torch.bool))
     assert abs(fig.layout.coloraxis2.cmax - 0.25) < 1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1, max_size=64))
+def test_compact_keeps_eleven_significant_bits_and_zeroes_the_rest(values):
+    x = np.array(values, np.float32)
+    z = viz._compact(x)
+    finite = np.isfinite(x)
+    assert z.dtype == np.float32 and z.shape == x.shape
+    # Rounded to nearest at 2**-11 relative (an overflow to inf only next to float32's largest value).
+    ok = np.isinf(z[finite]) & (np.abs(x[finite]) > 3.4e38)
+    err = np.abs(z[finite].astype(np.float64) - x[finite])
+    # Subnormals (below 1.2e-38, never a weight) keep fewer bits: their error is absolute, half of 2**-136.
+    bound = np.maximum(2.0**-11 * np.abs(x[finite].astype(np.float64)), 2.0**-137)
+    assert (ok | (err <= bound)).all()
+    assert (z[finite].view(np.uint32) & 0x1FFF == 0).all()
+    assert np.array_equal(np.signbit(z[finite]), np.signbit(x[finite]))
+    assert np.array_equal(np.isnan(z), np.isnan(x)) and np.array_equal(z[np.isinf(x)], x[np.isinf(x)])
+
+
+def _every_builder(lang):
+    dense, sparse, mask = _maps(40)
+    grid = torch.stack([dense, sparse, dense.T])
+    from sparse_attn import viz_nsa
+    figs = [viz.heatmap(dense, lang=lang), viz.attention_maps(dense, sparse, mask, log=True, lang=lang),
+            viz.attention_maps(dense, sparse, mask, mask_exact=mask & (dense > dense.mean()), lang=lang),
+            viz.head_grid(grid, lang=lang), viz_nsa.nsa_branch_maps(dense, sparse, dense, sparse, lang=lang)]
+    return figs
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_unvalidated_map_figures_are_valid_plotly(lang):
+    """The map builders skip plotly's validation for speed; rebuilding with validation on must accept them."""
+    import plotly.graph_objects as go
+
+    for fig in _every_builder(lang):
+        spec = fig.to_dict()
+        again = go.Figure(spec)  # raises on any misspelled property or out-of-range value
+        assert len(again.data) == len(fig.data) and again.layout.title.text == fig.layout.title.text
+
+
+def test_subplot_layout_matches_make_subplots():
+    from plotly.subplots import make_subplots
+
+    for rows, cols, hs, vs in ((2, 2, 0.1, 0.14), (3, 4, 0.06, 0.08), (1, 3, 0.05, 0.3)):
+        titles = [f"p{i}" for i in range(rows * cols)]
+        want = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=hs,
+                             vertical_spacing=vs).layout
+        got = viz._subplots(rows, cols, titles, horizontal_spacing=hs, vertical_spacing=vs)
+        for i in range(rows * cols):
+            n = viz._axis_id(i)
+            for ax in ("xaxis", "yaxis"):
+                assert got[ax + n]["anchor"] == want[ax + n].anchor
+                np.testing.assert_allclose(got[ax + n]["domain"], want[ax + n].domain, atol=1e-9)
+        for a, b in zip(got["annotations"], want.annotations, strict=True):
+            assert a["text"] == b.text
+            assert a["x"] == pytest.approx(b.x) and a["y"] == pytest.approx(b.y)

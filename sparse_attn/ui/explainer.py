@@ -12,7 +12,7 @@ from sparse_attn import viz
 from sparse_attn.i18n import t
 from sparse_attn.topk import chunked_topk
 
-from . import guide
+from . import charts, guide
 
 MAX_ROWS = 12  # chunks drawn at most: the smallest chunk size follows the row length
 
@@ -41,7 +41,7 @@ def render(lang: str) -> None:
         st.info(t("explain.k_clipped", lang, k=asked, n=n))
     g = torch.Generator().manual_seed(int(seed))
     x = torch.randint(0, 100, (n,), generator=g).float()
-    st.plotly_chart(viz.chunked_topk_figure(x, k, chunk, lang=lang), key="explain_chart", config={"displaylogo": False})
+    charts.show(viz.chunked_topk_figure(x, k, chunk, lang=lang), "explain_chart", filename="chunked_topk")
     guide.note("explain", lang)
     ours = chunked_topk(x, k, chunk_size=chunk)
     ref = torch.topk(x, k)

@@ -153,6 +153,18 @@ def drifted(lesson_id: str, current) -> list[str]:
     return [name for name in state.specs() if name not in KEEP and current.get(name) != want[name]]
 
 
+MOVED_KEY = "_lesson_moved"  # whether the banner last drawn said "you have left the lesson's settings"
+
+
+def drift_changed() -> bool:
+    """Whether the banner drawn last no longer tells the truth (a panel rerun alone moved a setting)."""
+    ss = st.session_state
+    lesson_id = ss.get("lesson", "")
+    if lesson_id not in LESSONS:
+        return False
+    return bool(drifted(lesson_id, ss.to_dict())) != ss.get(MOVED_KEY, False)
+
+
 def sidebar(sb, lang: str) -> None:
     """The lesson picker at the top of the sidebar, and the lessons' links for a teacher."""
     ss = st.session_state
@@ -181,6 +193,7 @@ def banner(lang: str) -> None:
         st.markdown(f"**{t('lessons.question', lang)}** {text('question', lesson_id, lang)}")
         st.caption(":material/menu_book: " + guide.chapter_ref(lesson.chapter, lang))
         moved = drifted(lesson_id, ss.to_dict())
+        ss[MOVED_KEY] = bool(moved)
         if moved:
             st.caption(t("lessons.drifted", lang))
         with st.container(horizontal=True):

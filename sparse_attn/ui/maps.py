@@ -7,7 +7,7 @@ import streamlit as st
 from sparse_attn import viz
 from sparse_attn.i18n import t
 
-from . import compute, errors, export, guide, model_panel, nsa_panel, state
+from . import charts, compute, errors, guide, lessons, model_panel, nsa_panel, state
 
 
 def _si(x: float, unit: str = "") -> str:
@@ -37,7 +37,19 @@ def metrics_table(data: dict, lang: str) -> pd.DataFrame:
 
 
 def render(s: dict, lang: str) -> None:
+    _panel(s, lang)
+
+
+# A fragment: head, log scale and pooling rerun this panel only (the sidebar, the lesson banner and the
+# other tabs are neither rerun nor sent again). A change in the sidebar reruns the whole page, this included.
+@st.fragment
+def _panel(s: dict, lang: str) -> None:
     ss = st.session_state
+    # What a full run does around the panel, for a run of the panel alone: the link follows the view,
+    # and a lesson whose settings were left (or restored) redraws its banner.
+    state.write_query_params(state.specs())
+    if lessons.drift_changed():
+        st.rerun(scope="app")
     controls = st.container()  # filled once the data says how many heads there are
     try:
         data = compute.view({k: s[k] for k in compute.COMPUTE_KEYS}, s["upload"])
@@ -68,7 +80,7 @@ def render(s: dict, lang: str) -> None:
                              tokens=data["tokens"], method_name=t(f"method.{s['method']}", lang),
                              title=t("viz.maps_title_head", lang, h=view["head"]), lang=lang)
     left, right = st.columns([3, 1])
-    left.plotly_chart(fig, key="maps_chart", config={"displaylogo": False})
+    charts.show(fig, "maps_chart", filename="attention_maps", container=left)
     guide.note("maps", lang, left)
     with right:
         st.metric(t("metric.mass_kept", lang), f"{m['mass_kept']:.1%}", help=t("help.mass_kept", lang))
@@ -91,14 +103,12 @@ def render(s: dict, lang: str) -> None:
         model_panel.render(s, lang)
     table = metrics_table(data, lang)
     st.subheader(t("maps.heads", lang))
-    st.plotly_chart(viz.head_grid(view["grid"], log=ss["log"], lang=lang), key="grid_chart",
-                    config={"displaylogo": False})
+    charts.show(viz.head_grid(view["grid"], log=ss["log"], lang=lang), "grid_chart", filename="attention_heads")
     guide.note("heads", lang)
     st.dataframe(table, hide_index=True)
     summary = pd.DataFrame([{t(f"metric.{k}", lang): v for k, v in m.items()}])
-    e1, e2, e3 = st.columns(3)
-    e1.download_button(t("export.png", lang), lambda: export.png(fig), file_name="attention_maps.png",
-                       mime="image/png", key="png_maps", on_click="ignore")
+    charts.save_hint(lang)
+    e2, e3 = st.columns(2)
     e2.download_button(t("export.csv_metrics", lang), summary.to_csv(index=False).encode(),
                        file_name="metrics.csv", mime="text/csv", key="csv_metrics", on_click="ignore")
     e3.download_button(t("export.csv_heads", lang), table.to_csv(index=False).encode(),

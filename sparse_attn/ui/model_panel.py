@@ -22,7 +22,7 @@ from sparse_attn.sources.model import vocab_counts
 from sparse_attn.sources.sentences import sentence, sentences
 from sparse_attn.viz import pool_map
 
-from . import compute, errors, guide, inputs
+from . import charts, compute, errors, guide, inputs
 
 EXAMPLE_KEY = "model_example"    # the example picker
 QUERY_KEY = "model_query"        # the line view's query token (None: every token)
@@ -171,7 +171,7 @@ def render(s: dict, lang: str) -> None:
         title += " " + t("model.lines_first", lang, shown=n, total=len(tokens))
     fig = viz_model.line_view(dense, tokens[:n], sparse=sparse["weights"][head], mask=sparse["mask"][head],
                               query=ss.get(QUERY_KEY), method_name=method, title=title, subtitle=subtitle, lang=lang)
-    st.plotly_chart(fig, key="model_lines_chart", config={"displaylogo": False})
+    charts.show(fig, "model_lines_chart", filename="model_attention_lines")
     st.caption(t("model.lines_how", lang, method=method) + "  \n:material/menu_book: "
                + guide.chapter_ref("ch6_real_model", lang))
 
@@ -190,5 +190,5 @@ def render(s: dict, lang: str) -> None:
     if subtitle:
         title += f"<br><span style='font-size:13px;color:{viz_model.QUERY_COLOUR}'>{subtitle}</span>"
     ov = viz_model.overview(grid, layer=layer, head=head, max_cells=OVERVIEW_CELLS, title=title, lang=lang)
-    st.plotly_chart(ov, key="model_overview_chart", config={"displaylogo": False})
+    charts.show(ov, "model_overview_chart", filename="model_layers_heads")
     st.caption(t("model.overview_how", lang) + "  \n:material/menu_book: " + guide.chapter_ref("ch6_real_model", lang))

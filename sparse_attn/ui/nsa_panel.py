@@ -18,7 +18,7 @@ from sparse_attn import viz_nsa
 from sparse_attn.i18n import t
 from sparse_attn.viz import MAX_CELLS, Pooled, pool_map
 
-from . import guide
+from . import charts, guide
 
 POOLS = ("max", "mean")
 # The four branch maps for every head and both poolings, float16: about 17 MB at most (16 heads at 256 x 256,
@@ -138,7 +138,7 @@ def metrics_table(data: dict, head: int, lang: str) -> pd.DataFrame:
 
 
 def _chart(fig, key: str) -> None:
-    st.plotly_chart(fig, key=key, config={"displaylogo": False})
+    charts.show(fig, key)
 
 
 def render(data: dict, *, head: int, pool: str, log: bool, tokens, lang: str) -> None:
