@@ -30,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sparse_attn.kernels import block_select
 from sparse_attn.kernels import compressed as compressed_kernel
 from sparse_attn.kernels import gate_combine
+from sparse_attn.kernels import selected_block as selected_kernel
 from sparse_attn.kernels import sliding_flex
 from sparse_attn.kernels.dispatch import reference_only
 from sparse_attn.kernels.selected_block import selected_block_attention_triton
@@ -723,6 +724,246 @@ def float32_stages(rec: Recorder, L: int = 16384) -> None:
                   lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=3))
 
 
+# --------------------------------------------------------------------------- query tiles and the group sum (issue 16)
+
+PREVIOUS: dict = {}  # earlier copies of kernel modules (--previous), timed side by side as "before"
+
+
+def _load_previous(folder: str | None) -> None:
+    """Import selected_prev.py / compressed_prev.py from ``folder`` when they are there."""
+    import importlib.util
+
+    if not folder:
+        return
+    for name in ("selected_prev", "compressed_prev"):
+        path = Path(folder) / f"{name}.py"
+        if path.exists():
+            spec = importlib.util.spec_from_file_location(name, path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            PREVIOUS[name] = mod
+
+
+def _nsa_indices(q, k, v):
+    """The selection nsa_attention makes on these inputs (compressed kernel's importance, forced blocks)."""
+    cbs, st, sbs, S = (NSA[key] for key in ("compress_block_size", "compress_block_sliding_stride",
+                                            "selection_block_size", "num_selected_blocks"))
+    kc, vc = compress_kv(k, cbs, st), compress_kv(v, cbs, st)
+    _, imp = compressed_kernel.compressed_attention_triton(q, kc, vc, cbs, st, causal=True,
+                                                           selection_block_size=sbs, num_keys=k.shape[2])
+    return select_blocks(imp, S, sbs, causal=True), imp
+
+
+def _select_bands(rec: Recorder, imp, L: int) -> None:
+    """The fused selection in causal row bands against one full-width launch (time) and the stable sort (picks)."""
+    from triton.testing import do_bench
+
+    sbs, S = NSA["selection_block_size"], NSA["num_selected_blocks"]
+    full = lambda Lq, n_sel, sel_block, causal: [(0, Lq, block_select.pow2(n_sel, 16))]  # noqa: E731
+    banded = block_select._row_bands
+    for name, bands in (("one full-width launch (before)", full), ("causal row bands (now)", banded)):
+        block_select._row_bands = bands
+        try:
+            ms = do_bench(lambda: block_select.select_blocks_triton(imp, S, sbs, causal=True), warmup=50, rep=300,
+                          return_mode="median")
+        finally:
+            block_select._row_bands = banded
+        rec.record("tune_tiles", {"kernel": f"select: {name}", "L": L, "median_ms": ms})
+    with reference_only():
+        want = select_blocks(imp, S, sbs, causal=True)
+    tied = (imp * 3 / imp.amax(-1, keepdim=True).clamp(min=1e-30)).round() / 3
+    with reference_only():
+        want_tied = select_blocks(tied, S, sbs, causal=True)
+    for what, x, ref in (("compressed kernel's importance", imp, want), ("3 levels (ties)", tied, want_tied)):
+        same = (block_select.select_blocks_triton(x, S, sbs, causal=True) == ref).all(-1)
+        rec.record("correctness_select_bands", {"L": L, "importance": what, "rows": same.numel(),
+                                                "rows_differing": int((~same).sum()), "pass": bool(same.all())})
+
+
+def _tile_overlap(idx, queries: int) -> dict:
+    """How much a tile of consecutive queries shares: leading slots equal in all of them, distinct blocks."""
+    B_, Hs, L, S = idx.shape
+    t = idx[:, :, : L // queries * queries].reshape(B_, Hs, L // queries, queries, S)
+    eq = (t == t[:, :, :, :1]).all(3)
+    shared = eq.int().cumprod(-1).sum(-1).float()
+    flat = t.reshape(B_, Hs, L // queries, queries * S).sort(-1).values
+    distinct = ((flat[..., 1:] != flat[..., :-1]) & (flat[..., 1:] >= 0)).sum(-1) + (flat[..., 0] >= 0)
+    return {"queries": queries, "mean_shared_slots": shared.mean().item(),
+            "mean_distinct_blocks_per_tile": distinct.float().mean().item(),
+            "blocks_loaded_vs_one_query_per_program": ((queries * S - (queries - 1) * shared) / (queries * S))
+            .mean().item()}
+
+
+def correctness_tiles(rec: Recorder) -> None:
+    """The query-tile selected kernel and the group-sum-first compressed kernel against float64, every setting."""
+    sbs, S = NSA["selection_block_size"], NSA["num_selected_blocks"]
+    L = 4096
+    for dtype, limit in ((torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 1e-4)):
+        q, k, v = inputs(L, dtype)
+        for kind in ("nsa selection", "random"):
+            idx = (_nsa_indices(q, k, v)[0] if kind == "nsa selection" else
+                   random_block_indices(B, HKV, L, L, S, sbs, True, device="cuda"))
+            ref = selected_block_attention(q.double(), k.double(), v.double(), idx, sbs, causal=True)
+            # (float32 with 8 queries of 32 keys, or 4 of 64, needs more shared memory than an H200 has: run 17.)
+            for cfg in ({"queries": 1}, {"queries": 4, "block_nb": 32}, {"queries": 2, "block_nb": 64}) + (
+                    () if dtype == torch.float32 else ({"queries": 8, "block_nb": 32}, {"queries": 4, "block_nb": 64})):
+                row = {"dtype": str(dtype)[6:], "L": L, "indices": kind, **cfg}
+
+                def check(cfg=cfg):
+                    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+                    out.copy_(selected_block_attention_triton(q, k, v, idx, sbs, causal=True, **cfg))
+                    err = rel(out, ref)
+                    return {"rel_err": err, "nan": bool(out.isnan().any()),
+                            "pass": err < limit and not bool(out.isnan().any())}
+
+                rec.guard("correctness_tiles", {"kernel": "selected", **row}, check)
+        q = k = v = idx = ref = None
+        torch.cuda.empty_cache()
+    cbs, st = NSA["compress_block_size"], NSA["compress_block_sliding_stride"]
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k, v = inputs(L, dtype)
+        ref_out, ref_imp = _compressed_reference(q, k, v, cbs, st, sbs, True, D ** -0.5)
+        kc, vc = compress_kv(k, cbs, st), compress_kv(v, cbs, st)
+        for sum_first in (True, False):
+            out, imp = compressed_kernel.compressed_attention_triton(q, kc, vc, cbs, st, causal=True,
+                                                                     selection_block_size=sbs, num_keys=L,
+                                                                     sum_first=sum_first)
+            row = {"kernel": "compressed", "dtype": str(dtype)[6:], "L": L, "sum_first": sum_first,
+                   "out_rel_err": rel(out, ref_out), "imp_rel_err": rel(imp, ref_imp),
+                   "zero_pattern_same": bool(((imp > 0) == (ref_imp > 0)).all()),
+                   "nan": bool(out.isnan().any() or imp.isnan().any())}
+            row["pass"] = row["out_rel_err"] < 1e-2 and row["imp_rel_err"] < 1e-2 and row["zero_pattern_same"]
+            rec.record("correctness_tiles", row)
+        q = k = v = kc = vc = ref_out = ref_imp = None
+        torch.cuda.empty_cache()
+
+
+def tune_tiles(rec: Recorder, lengths=(16384, 65536)) -> None:
+    """Selected kernel per launch (query tiles) on NSA's own selection and on random indices; compressed
+    kernel with the group sum before / after the map. Earlier copies (--previous) in the same process."""
+    from triton.testing import do_bench
+
+    cbs, st, sbs, S = (NSA[key] for key in ("compress_block_size", "compress_block_sliding_stride",
+                                            "selection_block_size", "num_selected_blocks"))
+    sel_cfgs = [{"queries": 1, "num_warps": 4, "num_stages": 2}]
+    sel_cfgs += [{"queries": qn, "block_nb": nb, "num_warps": w, "num_stages": s}
+                 for qn, nb, w, s in ((2, 64, 4, 2), (4, 32, 4, 2), (4, 32, 4, 3), (4, 32, 8, 2), (4, 64, 4, 2),
+                                      (4, 64, 8, 2), (8, 32, 4, 2), (8, 32, 8, 2), (8, 16, 4, 3), (16, 16, 8, 2))]
+    cmp_cfgs = [dict(sum_first=sf, rows=r, block_n=n, num_warps=w, num_stages=s)
+                for sf, r, n, w, s in ((False, 256, 64, 8, 2), (False, 256, 64, 8, 3), (True, 256, 64, 8, 2),
+                                       (True, 256, 64, 8, 3), (True, 256, 64, 8, 4), (True, 256, 32, 8, 3),
+                                       (True, 128, 64, 4, 3))]
+    best = {}
+    for L in lengths:
+        q, k, v = inputs(L)
+        nsa_idx, imp = _nsa_indices(q, k, v)
+        _select_bands(rec, imp, L)
+        imp = None
+        for qn in (2, 4, 8, 16):
+            rec.record("tile_overlap", {"L": L, "indices": "nsa selection", **_tile_overlap(nsa_idx, qn)})
+        rand_idx = random_block_indices(B, HKV, L, L, S, sbs, True, device="cuda")
+        rec.record("tile_overlap", {"L": L, "indices": "random", **_tile_overlap(rand_idx, 4)})
+        for kind, idx in (("nsa selection", nsa_idx), ("random", rand_idx)):
+            if "selected_prev" in PREVIOUS:
+                fn = PREVIOUS["selected_prev"].selected_block_attention_triton
+                rec.record("tune_tiles", {"kernel": "selected (before: one query per program)", "L": L,
+                                          "indices": kind, "median_ms": do_bench(
+                                              lambda: fn(q, k, v, idx, sbs, causal=True), warmup=50, rep=300,
+                                              return_mode="median")})
+            for cfg in sel_cfgs:
+                try:
+                    ms = do_bench(lambda: selected_block_attention_triton(q, k, v, idx, sbs, causal=True, **cfg),
+                                  warmup=50, rep=300, return_mode="median")
+                except Exception as e:  # noqa: BLE001 - a launch the chip refuses is a row
+                    rec.record("tune_tiles", {"kernel": "selected", "L": L, "indices": kind, **cfg,
+                                              "error": str(e).splitlines()[0][:200]})
+                    continue
+                rec.record("tune_tiles", {"kernel": "selected", "L": L, "indices": kind, **cfg, "median_ms": ms})
+                best.setdefault(("selected", kind), {}).setdefault(str(cfg), []).append(ms)
+        kc, vc = compress_kv(k, cbs, st), compress_kv(v, cbs, st)
+        if "compressed_prev" in PREVIOUS:
+            fn = PREVIOUS["compressed_prev"].compressed_attention_triton
+            rec.record("tune_tiles", {"kernel": "compressed (before)", "L": L, "median_ms": do_bench(
+                lambda: fn(q, kc, vc, cbs, st, causal=True, selection_block_size=sbs, num_keys=L),
+                warmup=50, rep=300, return_mode="median")})
+        for cfg in cmp_cfgs:
+            try:
+                ms = do_bench(lambda: compressed_kernel.compressed_attention_triton(
+                    q, kc, vc, cbs, st, causal=True, selection_block_size=sbs, num_keys=L, **cfg),
+                    warmup=50, rep=300, return_mode="median")
+            except Exception as e:  # noqa: BLE001
+                rec.record("tune_tiles", {"kernel": "compressed", "L": L, **cfg, "error": str(e).splitlines()[0][:200]})
+                continue
+            rec.record("tune_tiles", {"kernel": "compressed", "L": L, **cfg, "median_ms": ms})
+            best.setdefault(("compressed", ""), {}).setdefault(str(cfg), []).append(ms)
+        rec.record("tune_tiles", {"kernel": "compressed: output only (pass 1)", "L": L, "median_ms": do_bench(
+            lambda: compressed_kernel.compressed_attention_triton(q, kc, vc, cbs, st, causal=True),
+            warmup=50, rep=300, return_mode="median")})
+        q = k = v = kc = vc = nsa_idx = rand_idx = None
+        torch.cuda.empty_cache()
+    # The launch with the least total time over every length, on NSA's own selection, becomes the default here.
+    import ast
+
+    for key, target in ((("selected", "nsa selection"), selected_kernel.DEFAULTS),
+                        (("compressed", ""), compressed_kernel.DEFAULTS)):
+        every = {c: sum(t) for c, t in best.get(key, {}).items() if len(t) == len(lengths)}
+        if every:
+            cfg = ast.literal_eval(min(every, key=every.get))
+            target.update(cfg)
+            rec.results.setdefault("tiles_defaults", {})[key[0]] = cfg
+
+
+def tiles_nsa(rec: Recorder, lengths=(16384, 65536)) -> None:
+    """Whole nsa_attention against SDPA cuDNN and flash, same process, before (--previous) and now; its stages."""
+    cbs, st = NSA["compress_block_size"], NSA["compress_block_sliding_stride"]
+    sbs, S, win = NSA["selection_block_size"], NSA["num_selected_blocks"], NSA["sliding_window_size"]
+    scale = D ** -0.5
+    for L in lengths:
+        q, k, v = inputs(L)
+        lab = {"L": L, "selected": dict(selected_kernel.DEFAULTS), "compressed": dict(compressed_kernel.DEFAULTS)}
+        g = torch.full((B, H, L, 3), 1 / 3, device="cuda", dtype=q.dtype)
+        with torch.no_grad():
+            for name, run in PINNED_DENSE.items():
+                rec.guard("tiles_nsa", {**lab, "stage": name}, lambda run=run: timed(lambda: run(q, k, v)))
+            rec.guard("tiles_nsa", {**lab, "stage": "nsa (now)"},
+                      lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=9))
+            if len(PREVIOUS) == 2:
+                saved = selected_kernel.selected_block_attention_triton, compressed_kernel.compressed_attention_triton
+                selected_kernel.selected_block_attention_triton = PREVIOUS["selected_prev"].selected_block_attention_triton
+                compressed_kernel.compressed_attention_triton = PREVIOUS["compressed_prev"].compressed_attention_triton
+                try:
+                    rec.guard("tiles_nsa", {**lab, "stage": "nsa (before: run 13's kernels)"},
+                              lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=9))
+                finally:
+                    selected_kernel.selected_block_attention_triton, compressed_kernel.compressed_attention_triton = saved
+            rec.guard("tiles_nsa", {**lab, "stage": "nsa (now, again)"},
+                      lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=9))
+            rec.guard("tiles_nsa", {**lab, "stage": "dense (cudnn), again"},
+                      lambda: timed(lambda: PINNED_DENSE["dense (cudnn)"](q, k, v)))
+            kc, vc = compress_kv(k, cbs, st), compress_kv(v, cbs, st)
+            rec.guard("tiles_nsa", {**lab, "stage": "compress_kv (k and v)"},
+                      lambda: timed(lambda: (compress_kv(k, cbs, st), compress_kv(v, cbs, st))))
+            rec.guard("tiles_nsa", {**lab, "stage": "compressed kernel (out + importance)"},
+                      lambda: timed(lambda: compressed_kernel.compressed_attention_triton(
+                          q, kc, vc, cbs, st, causal=True, selection_block_size=sbs, num_keys=L)))
+            out_cmp, imp = compressed_kernel.compressed_attention_triton(q, kc, vc, cbs, st, causal=True,
+                                                                         selection_block_size=sbs, num_keys=L)
+            rec.guard("tiles_nsa", {**lab, "stage": "select_blocks (fused)"},
+                      lambda: timed(lambda: select_blocks(imp, S, sbs, causal=True)))
+            idx = select_blocks(imp, S, sbs, causal=True)
+            rec.guard("tiles_nsa", {**lab, "stage": "selected kernel"},
+                      lambda: timed(lambda: selected_block_attention_triton(q, k, v, idx, sbs, causal=True)))
+            out_sel = selected_block_attention_triton(q, k, v, idx, sbs, causal=True)
+            rec.guard("tiles_nsa", {**lab, "stage": "sliding: FlexAttention"},
+                      lambda: timed(lambda: sliding_window_attention(q, k, v, win, causal=True, scale=scale)))
+            out_win = sliding_window_attention(q, k, v, win, causal=True, scale=scale)
+            rec.guard("tiles_nsa", {**lab, "stage": "gates: one Triton pass"},
+                      lambda: timed(lambda: gate_combine.gate_combine_triton(out_cmp, out_sel, out_win, g)))
+            rec.results["flex_fallbacks"] = [str(key) for key in sliding_flex._failed]
+        q = k = v = kc = vc = imp = idx = out_cmp = out_sel = out_win = g = None
+        torch.cuda.empty_cache()
+
+
 def ceilings(rec: Recorder) -> None:
     """The chip's two ceilings as measured here: a device-to-device copy (bytes read + written) and a bf16 matmul."""
     from triton.testing import do_bench
@@ -750,16 +991,19 @@ RUNS = {"check_dense": check_dense, "ceilings": ceilings, "sliding_mask": slidin
         "correctness_compressed": correctness_compressed, "correctness_select_sliding": correctness_select_sliding,
         "tune_compressed": tune_compressed, "tune_compressed_fp32": tune_compressed_fp32, "tune_select": tune_select,
         "topk": topk_table, "nsa": nsa_table, "stages": stages,
-        "peers": peers}  # tune_selected and selected pass the tuned launch along (see main)
+        "peers": peers, "correctness_tiles": correctness_tiles, "tune_tiles": tune_tiles, "tiles_nsa": tiles_nsa}  # tune_selected and selected pass the tuned launch along (see main)
 SECTIONS = ("check_dense", "ceilings", "correctness_selected", "correctness_topk", "correctness_compressed",
             "correctness_select_sliding", "tune_selected", "tune_compressed", "tune_compressed_fp32", "tune_select",
-            "selected", "topk", "nsa", "stages", "peers", "sliding_mask", "float32")
+            "selected", "topk", "nsa", "stages", "peers", "sliding_mask", "float32", "correctness_tiles",
+            "tune_tiles", "tiles_nsa")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n")[0])
     ap.add_argument("out_dir", help="where gpu_results.json goes")
     ap.add_argument("sections", nargs="*", metavar="SECTION", help=f"from {list(SECTIONS)} (default: all, in this order)")
+    ap.add_argument("--previous", metavar="DIR", help="a folder with earlier copies of the kernel modules "
+                    "(selected_prev.py, compressed_prev.py), timed side by side as 'before'")
     args = ap.parse_args(argv)
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
@@ -769,6 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     rec = Recorder(args.out_dir)
+    _load_previous(args.previous)
     p = torch.cuda.get_device_properties(0)
     rec.results["env"] = {"device": p.name, "sm_count": p.multi_processor_count, "torch": torch.__version__,
                           "triton": triton.__version__, "cuda": torch.version.cuda,

@@ -27,7 +27,7 @@ from tests.triton_interpreter import INTERPRETED, run_kernel_tests  # noqa: E402
 if not INTERPRETED:
 
     def test_compressed_kernel_under_triton_interpreter():
-        run_kernel_tests(__file__, min_passed=13)
+        run_kernel_tests(__file__, min_passed=21)
 
     def test_dispatch_stays_on_pytorch_off_cuda(monkeypatch):
         # On the CPU the kernel is never called: poison it and nsa_attention must still work.
@@ -92,6 +92,18 @@ if INTERPRETED:
         ref_out, ref_imp = reference(q, k, v, 8, 4, 16, True)
         out, imp = run_kernel(q, k, v, 8, 4, 16, True, rows=rows, block_n=block_n)
         assert rel_err(out, ref_out) < 1e-5 and rel_err(imp, ref_imp) < 1e-5
+
+    @pytest.mark.parametrize("case", CASES[:4])
+    @pytest.mark.parametrize("sum_first", [True, False])
+    def test_kernel_group_sum_before_or_after_the_map(case, sum_first):
+        # rows=128 puts at least 16 query positions in a program, so sum_first really sums the group's
+        # weights before the mapping product (the other order is the one for narrower programs).
+        B, H, Hkv, Lq, Lk, D, Dv, cbs, st, sbs, causal, bn = case
+        q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, Dv)
+        ref_out, ref_imp = reference(q, k, v, cbs, st, sbs, causal)
+        out, imp = run_kernel(q, k, v, cbs, st, sbs, causal, block_n=bn, rows=128, sum_first=sum_first)
+        assert rel_err(out, ref_out) < 1e-5 and rel_err(imp, ref_imp) < 1e-5
+        assert torch.equal(imp > 0, ref_imp > 0)
 
     def test_kernel_float16_and_scale():
         q, k, v = (torch.randn(1, h, 48, 32) for h in (4, 2, 2))

@@ -40,7 +40,18 @@ def sort_reference(imp, S, bs, causal, ni=1, nl=2):
 if not INTERPRETED:
 
     def test_select_kernel_under_triton_interpreter():
-        run_kernel_tests(__file__, min_passed=14)
+        run_kernel_tests(__file__, min_passed=15)
+
+    def test_causal_row_bands_cover_every_row_with_its_eligible_blocks():
+        for Lq, n_sel, bs in ((65536, 1024, 64), (300, 75, 4), (100, 20, 4), (30, 1, 32), (5, 3, 64), (16384, 256, 64)):
+            bands = block_select._row_bands(Lq, n_sel, bs, causal=True)
+            assert bands[0][0] == 0 and bands[-1][1] == Lq
+            assert all(a[1] == b[0] for a, b in zip(bands, bands[1:]))  # contiguous, no overlap
+            for row0, end, width in bands:  # the last row of a band may pick every block it needs
+                assert min(n_sel, (end - 1) // bs + 1) <= width
+        assert block_select._row_bands(65536, 1024, 64, causal=True)[0] == (0, 1024, 16)
+        assert block_select._row_bands(16384, 256, 64, causal=True) == [(0, 16384, 256)]  # narrower: one launch
+        assert block_select._row_bands(17, 40, 16, causal=False) == [(0, 17, 64)]
 
     def test_select_blocks_stays_on_the_sort_off_cuda(monkeypatch):
         def boom(*a, **k):
@@ -73,6 +84,15 @@ if INTERPRETED:
                                                 num_local_blocks=nl)
         assert got.dtype == torch.int64 and got.shape == want.shape
         assert torch.equal(got, want)
+
+    @pytest.mark.parametrize("causal", [True, False])
+    def test_kernel_in_causal_row_bands_equals_select_blocks(monkeypatch, causal):
+        # Bands from 16 columns on: causal rows in four launches of 16, 32, 64 and 128 columns.
+        monkeypatch.setattr(block_select, "BAND_FROM", 16)
+        assert len(block_select._row_bands(300, 75, 4, causal=True)) == 4
+        imp = tied_importance(1, 2, 300, 75, levels=3)
+        got = block_select.select_blocks_triton(imp, 6, 4, causal=causal)
+        assert torch.equal(got, sort_reference(imp, 6, 4, causal))
 
     def test_kernel_float16_and_non_contiguous():
         imp = tied_importance(1, 40, 2, 9, levels=3).to(torch.float16).transpose(1, 2)  # (1, 2, 40, 9), a view

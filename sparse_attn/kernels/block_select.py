@@ -8,7 +8,8 @@ picks out of Nsel. Here one program holds a tile of BLOCK_Q whole rows in
 registers, builds the same sort key (forced blocks +inf, ineligible ones
 -inf, the others their float32 importance) and takes the S largest by S
 rounds of "largest value, lowest index among equals, then strike it out".
-Nothing but the (..., Lq, S) answer reaches memory.
+Nothing but the (..., Lq, S) answer reaches memory. Long causal rows go in
+bands of one launch each, as wide as the blocks they may pick (``_row_bands``).
 
 Exactly ``select_blocks``: forced blocks first in ascending order (they all
 hold +inf), then the others by falling importance, ascending index among
@@ -37,6 +38,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # of 16 launches tried at L=65536 on an H200 (docs/benchmarks.md); 2 warps and 4096 or 8192 elements were
 # within 5%.
 DEFAULTS = {"elements": 4096, "num_warps": 1}
+# Causal rows go in bands (``_row_bands``) only from this row width on: on an H200 the bands took the
+# selection from 1.68 to 1.27 ms at L=65536 (1024 blocks), but from 0.140 to 0.188 ms at L=16384
+# (256 blocks), where the extra launches cost more than the columns saved (docs/benchmarks.md).
+BAND_FROM = 512
 
 
 def triton_supports(importance: torch.Tensor) -> bool:
@@ -53,14 +58,14 @@ if triton is not None:
         IMP, OUT,
         stride_ir, stride_ii, stride_is,
         stride_or, stride_oi, stride_os,
-        Lq, n_sel, S, sel_block, n_init, n_local,
+        row0, row_end, n_sel, S, sel_block, n_init, n_local,
         BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, CAUSAL: tl.constexpr,
     ):
         pid_q = tl.program_id(0)
         r = tl.program_id(1).to(tl.int64)
-        rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        rows = row0 + pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
         cols = tl.arange(0, BLOCK_C)
-        row_ok = rows < Lq
+        row_ok = rows < row_end
         col_ok = cols < n_sel
         x = tl.load(IMP + r * stride_ir + rows[:, None].to(tl.int64) * stride_ii + cols[None, :] * stride_is,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
@@ -108,14 +113,31 @@ def select_blocks_triton(importance: torch.Tensor, num_selected: int, selection_
         return out
     imp = importance.detach().reshape(-1, Lq, n_sel)
     o = out.view(-1, Lq, S)
-    block_c = pow2(n_sel, 16)
-    block_q = max(1, (elements or DEFAULTS["elements"]) // block_c)
-    block_q = min(pow2(block_q, 1), pow2(Lq, 1))
-    grid = (triton.cdiv(Lq, block_q), imp.shape[0])
-    _select_fwd[grid](
-        imp, o, *imp.stride(), *o.stride(),
-        Lq, n_sel, S, selection_block_size, num_initial_blocks, num_local_blocks,
-        BLOCK_Q=block_q, BLOCK_C=block_c, CAUSAL=bool(causal),
-        num_warps=num_warps or DEFAULTS["num_warps"],
-    )
+    for row0, row_end, block_c in _row_bands(Lq, n_sel, selection_block_size, causal):
+        block_q = max(1, (elements or DEFAULTS["elements"]) // block_c)
+        block_q = min(pow2(block_q, 1), pow2(row_end - row0, 1))
+        grid = (triton.cdiv(row_end - row0, block_q), imp.shape[0])
+        _select_fwd[grid](
+            imp, o, *imp.stride(), *o.stride(),
+            row0, row_end, n_sel, S, selection_block_size, num_initial_blocks, num_local_blocks,
+            BLOCK_Q=block_q, BLOCK_C=block_c, CAUSAL=bool(causal),
+            num_warps=num_warps or DEFAULTS["num_warps"],
+        )
     return out
+
+
+def _row_bands(Lq: int, n_sel: int, sel_block: int, causal: bool) -> list[tuple[int, int, int]]:
+    """(first row, end row, row width) launches. Causal query i can pick only the i // sel_block + 1 blocks
+    that start at or before it, so rows are cut into bands whose eligible blocks fit in 16, 32, 64, ...
+    columns: each program scans only those (about half the columns of a full-width launch at L=65536).
+    Rows narrower than ``BAND_FROM`` take one launch."""
+    full = pow2(n_sel, 16)
+    if not causal or full < BAND_FROM:
+        return [(0, Lq, full)]
+    bands, row0, width = [], 0, 16
+    while row0 < Lq:
+        end = Lq if width >= full else min(Lq, width * sel_block)  # rows i < width * sel_block see <= width blocks
+        if end > row0:
+            bands.append((row0, end, min(width, full)))
+        row0, width = end, width * 2
+    return bands

@@ -13,9 +13,10 @@ them, and walks the compressed blocks twice:
 
 1. flash-style online softmax: the branch output, and each row's max and sum;
 2. the scores again, normalised with that max and sum into the exact softmax
-   weights, multiplied by the overlap matrix tile (the fraction of compressed
-   block c's tokens that lie in selection block s, built in registers), summed
-   over the group's heads, and added into the (B, Hkv, Lq, Nsel) importance.
+   weights, summed over the group's heads, multiplied by the overlap matrix
+   tile (the fraction of compressed block c's tokens that lie in selection
+   block s, built in registers), and added into the (B, Hkv, Lq, Nsel)
+   importance.
 
 Only this program writes its rows of the importance, in loop order, so the
 adds are race-free and the result does not depend on scheduling. Causal: a
@@ -51,12 +52,12 @@ _DISPATCH_DTYPES = (torch.float16, torch.bfloat16)
 
 # Launch settings: the fastest of those tried on an H200 (see docs/benchmarks.md).
 # rows = query positions x padded group heads per program.
-DEFAULTS = {"rows": 256, "block_n": 64, "num_warps": 8, "num_stages": 2}
+DEFAULTS = {"rows": 256, "block_n": 64, "num_warps": 8, "num_stages": 3, "sum_first": True}
 # float32 tiles are twice the bytes: at DEFAULTS (16 query heads per group, head
 # dim 128) they need more shared memory than an H200 has (263168 bytes against
 # 232448) and the launch fails. float32 gets its own, smaller tiles: the fastest
 # of ten launches tried at L=16384 (docs/benchmarks.md).
-DEFAULTS_FP32 = {"rows": 128, "block_n": 32, "num_warps": 8, "num_stages": 2}
+DEFAULTS_FP32 = {"rows": 128, "block_n": 32, "num_warps": 8, "num_stages": 2, "sum_first": True}
 
 
 def triton_supports(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> bool:
@@ -85,7 +86,7 @@ if triton is not None:
         G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        CAUSAL: tl.constexpr, IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr, IMPORTANCE: tl.constexpr, PRECISION: tl.constexpr, SUM_FIRST: tl.constexpr,
     ):
         ROWS: tl.constexpr = BLOCK_M * BLOCK_G
         # Latest query blocks see the most compressed blocks: start them first.
@@ -173,15 +174,21 @@ if triton is not None:
                 hi = tl.minimum(tok[:, None] + cmp_block, (sel[None, :] + 1) * sel_block)
                 lo = tl.maximum(tok[:, None], sel[None, :] * sel_block)
                 w = tl.where(c_ok[:, None], tl.maximum(hi - lo, 0).to(tl.float32) / cmp_block, 0.0)
-                part = tl.dot(p, w, input_precision=PRECISION)  # (ROWS, BLOCK_S)
-                part = tl.sum(tl.reshape(part, (BLOCK_M, BLOCK_G, BLOCK_S)), axis=1)
+                if SUM_FIRST:
+                    # The map is linear: summing the group's heads first gives the same value with
+                    # BLOCK_G times fewer multiplies in the mapping product.
+                    pg = tl.sum(tl.reshape(p, (BLOCK_M, BLOCK_G, BLOCK_N)), axis=1)
+                    part = tl.dot(pg, w, input_precision=PRECISION)  # (BLOCK_M, BLOCK_S)
+                else:  # fewer than 16 query positions per program: tl.dot needs 16 rows
+                    part = tl.dot(p, w, input_precision=PRECISION)  # (ROWS, BLOCK_S)
+                    part = tl.sum(tl.reshape(part, (BLOCK_M, BLOCK_G, BLOCK_S)), axis=1)
                 tl.atomic_add(imp_base + sel[None, :] * stride_is, part,
                               mask=(pos_m < Lq)[:, None] & (sel < n_sel)[None, :], sem="relaxed")
 
 
 def compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, *, causal=False, scale=None,
                                 selection_block_size=None, num_keys=None, rows=None, block_n=None,
-                                num_warps=None, num_stages=None):
+                                num_warps=None, num_stages=None, sum_first=None):
     """Queries attend to compressed keys, and (optionally) the group-summed selection-block importance.
 
     Args:
@@ -193,8 +200,10 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, *, causal=F
         selection_block_size, num_keys: when given, also return the importance of the
             ceil(num_keys / selection_block_size) selection blocks: the softmax weights summed over
             each KV group's query heads, shared out by overlap (``importance_to_selection_blocks``).
-        rows, block_n, num_warps, num_stages: launch tuning (``DEFAULTS``, ``DEFAULTS_FP32`` for float32);
-            results do not depend on them.
+        rows, block_n, num_warps, num_stages, sum_first: launch tuning (``DEFAULTS``, ``DEFAULTS_FP32``
+            for float32); sum_first sums the group's weights before mapping them onto selection blocks
+            (when a program holds at least 16 query positions). Results do not depend on them
+            beyond rounding.
 
     Returns:
         out (B, H, Lq, Dv) in q's dtype, and importance (B, Hkv, Lq, Nsel) float32 (or None).
@@ -213,7 +222,7 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, *, causal=F
         check_int(num_keys, "num_keys", minimum=0)
     base = DEFAULTS_FP32 if q.dtype == torch.float32 else DEFAULTS
     cfg = {**base, **{k: v for k, v in (("rows", rows), ("block_n", block_n), ("num_warps", num_warps),
-                                              ("num_stages", num_stages)) if v is not None}}
+                                              ("num_stages", num_stages), ("sum_first", sum_first)) if v is not None}}
     G = H // Hkv
     block_g = pow2(G, 1)
     block_m = max(1, cfg["rows"] // block_g)
@@ -240,6 +249,7 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, *, causal=F
         G=G, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=block_s,
         HEAD_DIM=D, V_DIM=Dv, BLOCK_D=pow2(D, 16), BLOCK_DV=pow2(Dv, 16),
         CAUSAL=bool(causal), IMPORTANCE=bool(want_imp and n_sel > 0), PRECISION=dot_precision(q.dtype),
+        SUM_FIRST=bool(cfg["sum_first"]) and block_m >= 16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, imp
