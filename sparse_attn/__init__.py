@@ -6,6 +6,7 @@ Data flows one way: sources -> ops -> methods -> metrics -> viz -> ui
 and figures are imported from their own modules. Importing this package never
 imports Streamlit (that lives in ``sparse_attn.ui``).
 """
+from .decode import KVCache
 from .modules import SparseAttention, SparseAttentionWithImportanceSampling
 from .ops.dense import dense_attention
 from .ops.nsa import NSAMaps, nsa_attention, selected_block_attention
@@ -18,6 +19,7 @@ from .selection import Selection
 from .topk import StreamingTopK, TopK, chunked_topk, merge_topk, stable_topk
 
 __all__ = [
+    "KVCache",
     "NSAMaps",
     "Selection",
     "SparseAttention",

@@ -1,0 +1,271 @@
+"""Decode step time and bytes read against cache length, per method: ``python -m benchmarks.decode``.
+
+    python -m benchmarks.decode --device cuda --lengths 4096 16384 65536 131072 --batch 16 32 --out results/decode
+    python -m benchmarks.decode --device cpu --lengths 4096 16384 65536 --batch 1 --heads 8 --kv-heads 2 \
+        --head-dim 64 --out results/decode_cpu
+
+One new query per sequence (T = 1) against a cache of each length, filled
+for each case with random keys and values by ``KVCache.append`` (so NSA's
+compressed blocks and Quest's page bounds are the cache's own). Per method and length:
+the median step time and its quartiles (``sparse_attn.timing.time_fn``), the
+bytes of K and V the step read (``DecodeResult.bytes_read``, counted from its
+selection), the bandwidth that achieves, and the floor: those bytes over the
+device's copy bandwidth, measured at the start of the run. ``sdpa`` is
+``F.scaled_dot_product_attention`` with the one query, the baseline every
+speedup is against; ``dense`` the same attention spelled out;
+``quest_grouped`` Quest with one pick of pages per KV group (not the
+paper's per-head rule, which reads up to 16x its budget per group at 64
+query over 4 KV heads).
+
+Settings default to the papers' (NSA: compression blocks of 32 every 16,
+16 selection blocks of 64, a window of 512; Quest: pages of 16; top-k and
+Quest keep 2048 tokens; StreamingLLM 4 sinks and 2044 recent tokens) and are
+named as ``sparse_attn.methods.Config``'s fields. Writes OUT.json (rows and
+the machine), OUT.md (the table) and, where plotly is installed, OUT.html
+(``sparse_attn.viz_decode.decode_figure``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from sparse_attn.decode import DECODERS, KVCache, quest_decode, sdpa_decode
+from sparse_attn.methods import METHODS, Config
+from sparse_attn.timing import time_fn
+
+__all__ = ["main", "copy_bandwidth", "measure", "format_table"]
+
+# quest_grouped: Quest with one pick of pages per KV group (quest_decode's query_heads_share_pages), beside
+# the paper's per-head rule, which under 16 query heads per KV head can read up to 16 x the budget.
+METHODS_TIMED = ("sdpa", *DECODERS, "quest_grouped")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+_SETTINGS = {  # Config field -> default here (the papers' settings at long context)
+    "top_k": 2048, "token_budget": 2048, "page_size": 16, "compress_block_size": 32,
+    "compress_block_sliding_stride": 16, "selection_block_size": 64, "num_selected_blocks": 16,
+    "sliding_window_size": 512, "num_initial_blocks": 1, "num_local_blocks": 2, "num_sink_tokens": 4,
+}
+_FILL_CHUNK = 8192  # tokens per append while filling: bounds the random tensors made at once
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, *, min_run_time: float = 0.5) -> float:
+    """Bytes per second of ``dst.copy_(src)`` over ``nbytes``, counting the read and the write (2 x nbytes)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    timing = time_fn(lambda: dst.copy_(src), min_run_time=min_run_time)
+    return 2 * src.numel() * 4 / timing.median
+
+
+def _fill(cfg: Config, B: int, Hkv: int, length: int, D: int, dtype, device, seed: int) -> KVCache:
+    cache = KVCache.for_config(cfg, B, Hkv, length, D, dtype=dtype, device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    for t0 in range(0, length, _FILL_CHUNK):
+        n = min(_FILL_CHUNK, length - t0)
+        cache.append(torch.randn(B, Hkv, n, D, generator=g, device=device, dtype=torch.float32).to(dtype),
+                     torch.randn(B, Hkv, n, D, generator=g, device=device, dtype=torch.float32).to(dtype))
+    return cache
+
+
+def _step(method: str, cfg: Config, streaming_window: int):
+    """A call (q, cache) -> DecodeResult for ``method``, its settings checked once, not per step."""
+    if method == "sdpa":
+        return lambda q, c: sdpa_decode(q, c, scale=cfg.scale)
+    if method == "quest_grouped":
+        METHODS["quest"].validate(cfg)
+        return lambda q, c: quest_decode(q, c, cfg.token_budget, page_size=cfg.page_size, scale=cfg.scale,
+                                         query_heads_share_pages=True)
+    if method == "streaming_llm":
+        cfg = replace(cfg, sliding_window_size=streaming_window)
+    if METHODS[method].validate is not None:
+        METHODS[method].validate(cfg)
+    fn = DECODERS[method]
+    return lambda q, c: fn(q, c, cfg)
+
+
+def measure(args, cfg: Config, device: torch.device, dtype, copy_bps: float, log=print) -> list[dict]:
+    """Every (batch, length, method) case of the run: one row each, a ``note`` where a case could not run."""
+    rows = []
+    for B in args.batch:
+        for L in sorted(args.lengths):
+            # A cache filled to each length (not a prefix of the longest): a full cache is contiguous, as a
+            # serving engine's pages are, so no method pays for a strided view.
+            try:
+                cache = _fill(cfg, B, args.kv_heads, L, args.head_dim, dtype, device, args.seed)
+            except torch.OutOfMemoryError as e:
+                rows += [dict(method=m, batch=B, length=L, note=f"out of memory filling the cache: {e}".splitlines()[0])
+                         for m in args.methods]
+                _free(device)
+                continue
+            q = torch.randn(B, args.heads, 1, args.head_dim, device=device, dtype=torch.float32,
+                            generator=torch.Generator(device=device).manual_seed(args.seed + L)).to(dtype)
+            sdpa_out = None
+            for m in args.methods:
+                row = dict(method=m, batch=B, length=L, heads=args.heads, kv_heads=args.kv_heads,
+                           head_dim=args.head_dim, dtype=str(dtype).replace("torch.", ""), device=device.type)
+                try:
+                    step = _step(m, cfg, args.streaming_window_size)
+                    r = step(q, cache)
+                    _sync(device)
+                    read = r.bytes_read
+                    if not bool(r.output.isfinite().all()):
+                        raise RuntimeError("the output holds NaN or inf")
+                    if m == "sdpa":
+                        sdpa_out = r.output.float()
+                    elif m == "dense" and sdpa_out is not None:  # the two dense forms must agree
+                        row["max_abs_diff_vs_sdpa"] = float((r.output.float() - sdpa_out).abs().max())
+                    del r
+                    timing = time_fn(lambda: step(q, cache), min_run_time=args.min_run_time)
+                except (torch.OutOfMemoryError, RuntimeError, ValueError) as e:
+                    row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    rows.append(row)
+                    log(f"B={B} L={L} {m}: {row['note']}")
+                    _free(device)
+                    continue
+                row.update(
+                    median_s=timing.median, q1_s=timing.q1, q3_s=timing.q3, iqr_s=timing.iqr, runs=timing.runs,
+                    bytes_step=read.total, bytes_keys=read.keys, bytes_values=read.values,
+                    bytes_summaries=read.summaries, bytes_per_token=read.total / B,
+                    achieved_gbs=read.total / timing.median / 1e9, roofline_s=read.total / copy_bps,
+                )
+                if args.peak_gbs:
+                    row["roofline_peak_s"] = read.total / (args.peak_gbs * 1e9)
+                rows.append(row)
+                log(f"B={B} L={L} {m}: {timing.median * 1e3:.3f} ms (IQR {timing.iqr * 1e3:.3f}), "
+                    f"{read.total / 2**20:.1f} MiB, {row['achieved_gbs']:.1f} GB/s")
+            cache = q = None  # freed before the next case fills its own
+            _free(device)
+    _relative(rows)
+    return rows
+
+
+def _relative(rows: list[dict]) -> None:
+    """Each row's bytes as a share of dense's and its speedup over SDPA, at the same batch and length."""
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["batch"], r["length"]), {})[r["method"]] = r
+    for case in by_case.values():
+        dense, sdpa = case.get("dense") or case.get("sdpa"), case.get("sdpa")
+        for r in case.values():
+            if "bytes_step" in r and dense and "bytes_step" in dense:
+                r["bytes_vs_dense"] = r["bytes_step"] / dense["bytes_step"]
+            if "median_s" in r and sdpa and "median_s" in sdpa:
+                r["speedup_vs_sdpa"] = sdpa["median_s"] / r["median_s"]
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table: one line per (batch, length, method)."""
+    head = ("| batch | length | method | median ms | IQR ms | MiB read / step | MiB / token | of dense's bytes "
+            "| GB/s achieved | floor ms | speedup vs SDPA | note |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        if "median_s" not in r:
+            lines.append(f"| {r['batch']} | {r['length']} | {r['method']} |  |  |  |  |  |  |  |  | {r['note']} |")
+            continue
+        lines.append(
+            f"| {r['batch']} | {r['length']} | {r['method']} | {r['median_s'] * 1e3:.3f} | {r['iqr_s'] * 1e3:.3f} "
+            f"| {r['bytes_step'] / 2**20:.1f} | {r['bytes_per_token'] / 2**20:.2f} | {r.get('bytes_vs_dense', 1):.3f} "
+            f"| {r['achieved_gbs']:.1f} | {r['roofline_s'] * 1e3:.3f} | {r.get('speedup_vs_sdpa', float('nan')):.2f} "
+            f"| {r.get('note', '')} |")
+    return "\n".join(lines)
+
+
+def _machine(device: torch.device, dtype, copy_bps: float, args, argv) -> dict:
+    meta = dict(command="python -m benchmarks.decode " + " ".join(argv), device=device.type, dtype=str(dtype),
+                torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
+                copy_gbs=copy_bps / 1e9, peak_gbs=args.peak_gbs, started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if device.type == "cuda":
+        meta["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        meta["device_name"] = platform.processor() or platform.machine()
+        meta["cpus"] = os.cpu_count()
+    if hasattr(os, "getloadavg"):
+        meta["loadavg_start"] = os.getloadavg()
+    return meta
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=list(_DTYPES), default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072], help="cache lengths")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (sequences decoded together)")
+    p.add_argument("--heads", type=int, default=64, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=4, help="key/value heads (the query heads share them in groups)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--methods", nargs="+", choices=METHODS_TIMED, default=list(METHODS_TIMED))
+    g = p.add_argument_group("method settings (sparse_attn.methods.Config)")
+    for name, default in _SETTINGS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=int, default=default, dest=name)
+    g.add_argument("--streaming-window-size", type=int, default=2044,
+                   help="StreamingLLM's sliding_window_size (--sliding-window-size is NSA's)")
+    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per case")
+    p.add_argument("--copy-bytes", type=int, default=None,
+                   help="bytes copied to measure bandwidth (default 1 GiB on cuda, 256 MiB on cpu)")
+    p.add_argument("--peak-gbs", type=float, default=None, help="the device's rated bandwidth, for a second floor")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write OUT.json, OUT.md and OUT.html")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available here", file=sys.stderr)
+        return 2
+    for name in ("lengths", "batch"):
+        if min(getattr(args, name)) < 1:
+            print(f"--{name} must be >= 1", file=sys.stderr)
+            return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = _DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    cfg = Config(**{name: getattr(args, name) for name in _SETTINGS})
+    nbytes = args.copy_bytes or (1 << 30 if device.type == "cuda" else 1 << 28)
+    copy_bps = copy_bandwidth(device, nbytes, min_run_time=min(args.min_run_time, 0.5))
+    meta = _machine(device, dtype, copy_bps, args, argv)
+    print(f"{meta['device_name']}: copy bandwidth {copy_bps / 1e9:.1f} GB/s", flush=True)
+    rows = measure(args, cfg, device, dtype, copy_bps, log=lambda s: print(s, flush=True))
+    if hasattr(os, "getloadavg"):
+        meta["loadavg_end"] = os.getloadavg()
+    table = format_table(rows)
+    print(table)
+    if args.out:
+        stem = Path(args.out)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, config=asdict(cfg), rows=rows), indent=1))
+        stem.with_suffix(".md").write_text(f"`{meta['command']}`\n\n{meta['device_name']}, {meta['dtype']}, "
+                                           f"copy bandwidth {meta['copy_gbs']:.1f} GB/s\n\n{table}\n")
+        try:
+            from sparse_attn.viz_decode import decode_figure
+        except ImportError:  # plotly is not installed: the JSON and the table are the results
+            return 0
+        if any("median_s" in r for r in rows):
+            fig = decode_figure(rows, copy_gbs=meta["copy_gbs"], device=meta["device_name"],
+                                dtype=meta["dtype"].replace("torch.", ""))
+            fig.write_html(str(stem.with_suffix(".html")), include_plotlyjs=True)  # self-contained: opens offline
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
