@@ -147,3 +147,154 @@ def test_long_model_text_is_left_out_of_the_link():
     ok(at)
     assert "text" not in at.query_params  # the link keeps no stale short text either
     assert at.session_state["text"] == long
+
+
+# ---- a server restart under an open page -------------------------------------------------------------------
+# The restarted server holds no session. The page keeps its widgets and its URL (the one the app last wrote), and
+# its next change starts a new session: that first run brings every widget's value, the changed one included,
+# while the URL still says what the page showed before the change. Streamlit reads a widget's value only once the
+# widget is drawn, so the seeding must read them itself (and a widget's value must win over the URL).
+
+def _restart(at: AppTest) -> None:
+    """What a server restart leaves of the session: nothing. The browser's widgets (``at``'s tree) stay."""
+    from streamlit.runtime.state.safe_session_state import SafeSessionState
+    from streamlit.runtime.state.session_state import SessionState
+    from streamlit.testing.v1.app_test import TESTING_KEY, _AppTestSessionState
+
+    fresh = SessionState()
+    fresh[TESTING_KEY] = {}
+    at._session_state = SafeSessionState(fresh, lambda: None)
+    at.session_state = _AppTestSessionState(at._session_state)
+
+
+def _reconnect_with(at: AppTest, *changes) -> AppTest:
+    """Apply ``changes`` to the page's widgets, restart the server, and run: the new session's first run."""
+    for change in changes:
+        change(at)
+    sent = at._tree.get_widget_states()  # read while the old session can still decode them, as the browser holds them
+    _restart(at)
+    return at._run(sent)
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_after_a_restart_the_next_change_sticks(lang):
+    at = run_app(k=8, L=128, lang=lang)
+    ok(at)
+    at = _reconnect_with(at, lambda a: a.slider(key="top_k").set_value(16))
+    ok(at)
+    assert at.session_state["top_k"] == 16 and at.slider(key="top_k").value == 16
+    assert at.query_params["k"] == "16" and at.query_params["L"] == "128" and at.query_params["lang"] == lang
+    assert not at.warning  # the page's own URL: nothing to report
+    at.run()  # one more run: still the student's
+    ok(at)
+    assert at.session_state["top_k"] == 16 and at.query_params["k"] == "16"
+
+
+def test_after_a_restart_every_kind_of_widget_reads_back():
+    """A slider, a select slider, a choice by its Chinese label, a toggle, a number box, the maps' own controls."""
+    at = run_app(L=128, lang="zh", method="hybrid")
+    ok(at)
+    at = _reconnect_with(
+        at,
+        lambda a: a.select_slider(key="L").set_value(64),
+        lambda a: a.selectbox(key="proposal").set_value("uniform"),
+        lambda a: a.slider(key="num_samples").set_value(40),
+        lambda a: a.toggle(key="causal").set_value(True),
+        lambda a: a.number_input(key="seed").set_value(7),
+        lambda a: a.slider(key="head").set_value(2),  # drawn in the maps tab, after the URL is written
+        lambda a: a.radio(key="pool").set_value("mean"),
+        lambda a: a.toggle(key="log").set_value(True),
+    )
+    ok(at)
+    want = {"L": 64, "proposal": "uniform", "num_samples": 40, "causal": True, "seed": 7, "head": 2, "pool": "mean",
+            "log": True, "method": "hybrid", "lang": "zh"}
+    assert {name: at.session_state[name] for name in want} == want
+    assert state.query_for(want, at.session_state).items() <= at.query_params.items()
+    at.run()
+    ok(at)
+    assert {name: at.session_state[name] for name in want} == want
+
+
+def test_a_first_run_without_widget_values_still_seeds_from_the_url():
+    # A fresh page load sends no widget values: the link's settings, and its notice, as before.
+    at = run_app(k=8, L=128, zoom=3)
+    ok(at)
+    assert at.session_state["top_k"] == 8 and at.session_state["L"] == 128
+    assert [w.value for w in at.warning] == [state.url_notice_text([("zoom", "3")], "en")]
+
+
+def test_long_model_text_survives_a_restart():
+    """The link does not carry text over the limit; the text box does, and a reconnect brings it."""
+    long = ("The cat sat on the mat because it was warm. " * 20)[: state.URL_TEXT_CHARS + 100]
+    at = run_app(source="model")
+    ok(at)
+    at.text_area(key="text").input(long).run()
+    ok(at)
+    assert "text" not in at.query_params
+    at = _reconnect_with(at, lambda a: a.slider(key="layer").set_value(2))
+    ok(at)
+    assert at.session_state["text"] == long and at.session_state["layer"] == 2 and at.session_state["source"] == "model"
+
+
+def _choice_widgets(at: AppTest):
+    for kind in ("selectbox", "radio"):
+        for w in at.get(kind):
+            if w.key in state.specs():
+                yield w
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_each_choice_label_the_app_shows_reads_back_as_its_option(lang):
+    # The browser names a choice by its label: every label of every setting's choice widget must decode, to a
+    # different option each, and the one shown to the widget's own value.
+    seen = set()
+    for query in ({"lang": lang}, {"lang": lang, "method": "sampling", "lesson": "band"}):
+        at = run_app(**query)
+        ok(at)
+        for w in _choice_widgets(at):
+            decoded = [state.decode_widget(w.key, label) for label in w.options]
+            assert None not in decoded and len(set(decoded)) == len(decoded), (w.key, w.options, decoded)
+            assert state.decode_widget(w.key, w.options[w.index]) == w.value, w.key
+            seen.add(w.key)
+    assert {"lang", "lesson", "source", "pattern", "method", "proposal", "device", "dtype", "pool"} <= seen
+    for view, label in zip(state.TABS, state.tab_labels(lang)):  # the tabs hold the open tab's label
+        assert state.decode_widget("view", label) == view
+
+
+def test_a_widget_value_is_checked_as_a_url_value_is():
+    decode = state.decode_widget
+    assert decode("top_k", [16.0]) == 16 and decode("L", ["512"]) == 512 and decode("causal", True) is True
+    assert decode("seed", 7.0) == 7 and decode("method", t("method.nsa", "zh")) == "nsa"
+    for name, raw in [("top_k", [state.K_MAX + 1.0]), ("top_k", [2.5]), ("top_k", [float("nan")]), ("top_k", [float("inf")]), ("L", ["100"]),
+                      ("top_k", [1.0, 2.0]), ("method", "magic"), ("causal", "maybe"), ("text", 3), ("head", None)]:
+        assert decode(name, raw) is None, (name, raw)
+    assert decode("text", "字" * (state.URL_TEXT_CHARS * 3)) == "字" * (state.URL_TEXT_CHARS * 3)  # no link limit
+
+
+def _restart_note_script():
+    import streamlit as st
+
+    from sparse_attn.ui import state
+
+    state.init_state()
+    note = state.text_restart_note(state.lang())
+    if note:
+        st.caption(note)
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_the_text_box_says_what_keeps_long_text_exactly_when_it_is_long(lang):
+    at = AppTest.from_function(_restart_note_script, default_timeout=60)
+    at.query_params.update({"lang": lang, "source": "model"})
+    at.run()
+    ok(at)
+    assert not at.caption
+    want = t("restart.text_kept", lang, limit=state.URL_TEXT_CHARS)
+    assert str(state.URL_TEXT_CHARS) in want
+    for n, shown in ((state.URL_TEXT_CHARS, False), (state.URL_TEXT_CHARS + 1, True)):
+        at.session_state["text"] = "字" * n
+        at.run()
+        assert [c.value for c in at.caption] == ([want] if shown else [])
+    at.session_state["source"] = "synthetic"
+    at.run()
+    assert not at.caption

@@ -22,7 +22,7 @@ from sparse_attn.sources.model import vocab_counts
 from sparse_attn.sources.sentences import sentence, sentences
 from sparse_attn.viz import pool_map
 
-from . import charts, compute, errors, guide, inputs
+from . import charts, compute, errors, guide, inputs, state
 
 EXAMPLE_KEY = "model_example"    # the example picker
 QUERY_KEY = "model_query"        # the line view's query token (None: every token)
@@ -59,6 +59,8 @@ def text_input(sb, lang: str) -> None:
                  format_func=lambda i: f"{LANG_NAMES[sentence(i).lang]} · {sentence(i).text}")
     # No max_chars: the widget would drop an over-long paste without a word; the maps panel says why instead.
     sb.text_area(t("setting.text", lang), key="text", help=t("help.text", lang))
+    if note := state.text_restart_note(lang):
+        sb.caption(note)
     picked = st.session_state.get(EXAMPLE_KEY)
     if picked is not None:
         chosen = sentence(picked)

@@ -15,15 +15,25 @@ bad value falls back to the default and is listed in a notice
 the URL back with each key once. Free text travels in the URL up to
 ``URL_TEXT_CHARS`` characters both ways: longer text is neither written nor
 read, and ``text_link_note`` says so.
+
+After a server restart an open page reconnects with no session on the server,
+and its next change starts one. That first run brings the page's widget values
+(the changed one included) and its URL, which still says what the page showed
+before the change: a value a widget sent wins over the URL (``sent_settings``).
+So long text survives a restart in its own text box; ``text_restart_note``
+says when it would not.
 """
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import streamlit as st
 
-from sparse_attn.i18n import LANGS, normalize_lang, t
+from sparse_attn.i18n import LANG_NAMES, LANGS, catalog, normalize_lang, t
 from sparse_attn.methods import choices
 from sparse_attn.ops.sampling import PROPOSALS
 from sparse_attn.sources import KINDS, PATTERNS
@@ -45,6 +55,11 @@ SINKS_MAX, FORCED_MAX = 64, 8  # FORCED_MAX twice stays below NUM_BLOCKS_MAX: th
 class Spec:
     default: Any
     parse: Callable[[str], Any]  # URL text -> value; raises ValueError when not allowed
+    options: tuple = ()  # a choice's allowed values (empty for numbers and free text)
+
+
+def _choice(default, options, cast=str) -> Spec:
+    return Spec(default, _one_of(options, cast), tuple(options))
 
 
 def _int_in(lo: int, hi: int) -> Callable[[str], int]:
@@ -119,36 +134,36 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 def specs() -> dict[str, Spec]:
     """Every setting the URL carries, by setting name (in the order the URL lists them)."""
     return {
-        "lang": Spec("en", _lang),
-        "source": Spec("synthetic", _one_of(KINDS)),
-        "pattern": Spec("local", _one_of(PATTERNS)),
+        "lang": Spec("en", _lang, LANGS),
+        "source": _choice("synthetic", KINDS),
+        "pattern": _choice("local", PATTERNS),
         "text": Spec(DEFAULT_TEXT, _text),
         "layer": Spec(0, _int_in(0, 23)),
-        "L": Spec(256, _one_of(SEQ_LENS, int)),
+        "L": _choice(256, SEQ_LENS, int),
         "H": Spec(4, _int_in(1, HEADS_MAX)),
-        "D": Spec(64, _one_of(HEAD_DIMS, int)),
-        "method": Spec("topk", _one_of(choices("method"))),  # registry keys only
+        "D": _choice(64, HEAD_DIMS, int),
+        "method": _choice("topk", choices("method")),  # registry keys only
         "top_k": Spec(32, _int_in(0, K_MAX)),
         "num_samples": Spec(64, _int_in(1, SAMPLES_MAX)),
-        "proposal": Spec("lsh", _one_of(PROPOSALS)),
-        "selection_block_size": Spec(16, _one_of(BLOCKS, int)),
+        "proposal": _choice("lsh", PROPOSALS),
+        "selection_block_size": _choice(16, BLOCKS, int),
         "num_selected_blocks": Spec(4, _int_in(1, NUM_BLOCKS_MAX)),
         "sliding_window_size": Spec(32, _int_in(1, WINDOW_MAX)),
         "num_initial_blocks": Spec(1, _int_in(0, FORCED_MAX)),
         "num_local_blocks": Spec(2, _int_in(0, FORCED_MAX)),
         "num_sink_tokens": Spec(4, _int_in(0, SINKS_MAX)),
         "token_budget": Spec(32, _int_in(1, K_MAX)),
-        "page_size": Spec(16, _one_of(PAGES, int)),
-        "chunk_size": Spec(64, _one_of(CHUNKS, int)),
+        "page_size": _choice(16, PAGES, int),
+        "chunk_size": _choice(64, CHUNKS, int),
         "causal": Spec(False, _bool),
-        "device": Spec("cpu", _one_of(devices())),
-        "dtype": Spec("float32", _one_of(DTYPES)),
+        "device": _choice("cpu", devices()),
+        "dtype": _choice("float32", DTYPES),
         "seed": Spec(0, _int_in(0, SEED_MAX)),
         "head": Spec(0, _int_in(0, HEADS_MAX - 1)),
         "log": Spec(False, _bool),
-        "pool": Spec("max", _one_of(("max", "mean"))),
-        "view": Spec("maps", _one_of(TABS)),
-        "lesson": Spec("", _lesson),  # the open lesson's id ("" when none)
+        "pool": _choice("max", ("max", "mean")),
+        "view": _choice("maps", TABS),
+        "lesson": Spec("", _lesson, ("", *LESSON_IDS)),  # the open lesson's id ("" when none)
     }
 
 
@@ -232,8 +247,110 @@ def from_query(query: Mapping[str, object]) -> dict[str, Any]:
 NOTICES_KEY, BASELINE_KEY = "_url_ignored", "_url_baseline"
 
 
+# How a choice's widget shows each option (the widgets' format_func), as the catalog key of its label: the
+# browser names a picked option by its label, and a new session must read it back before the widget is drawn.
+# A label's placeholders (a lesson title's numbers) match anything. tests/test_url.py checks these against the
+# app's own widgets in both languages.
+CHOICE_LABELS = {"source": "source.{}", "pattern": "pattern.{}", "method": "method.{}", "proposal": "proposal.{}",
+                 "pool": "viz.pool_{}", "view": "tab.{}", "lesson": "lessons.{}.title"}
+NO_CHOICE_LABELS = {"lesson": "lessons.none"}  # the label of a choice's empty option ("" : no lesson)
+WIDGET_OF_SETTING = {"view": "tab"}  # settings whose widget has another key (the tabs store the open tab's label)
+
+
+def _shows(label: str, name: str, option) -> bool:
+    """Whether a widget of setting ``name`` shows ``option`` as ``label`` (in any language)."""
+    if name == "lang":
+        return label == LANG_NAMES.get(option)
+    if name not in CHOICE_LABELS:
+        return label == str(option)
+    key = CHOICE_LABELS[name].format(option) if option != "" else NO_CHOICE_LABELS.get(name)
+    for code in LANGS:
+        template = catalog(code).get(key)
+        if template is not None:
+            pattern = ".+?".join(map(re.escape, re.split(r"\{[^{}]*\}", template)))
+            if re.fullmatch(pattern, label, re.S):
+                return True
+    return False
+
+
+def decode_widget(name: str, raw) -> Any:
+    """The value of setting ``name`` that its widget's state ``raw`` holds, checked as the URL's are; None if none.
+
+    ``raw`` is what the widget sent: a slider's numbers, a select slider's or a choice's labels, a toggle's
+    bool, a number, the text. Free text is taken whole: the link's limit is no limit of the text box.
+    """
+    spec = specs()[name]
+    if isinstance(raw, Sequence) and not isinstance(raw, str):  # a slider's or select slider's one value
+        items = list(raw)
+        if len(items) != 1:
+            return None
+        raw = items[0]
+    if name == "text":
+        return raw if isinstance(raw, str) else None
+    if isinstance(raw, bool):
+        text = str(raw).lower()
+    elif isinstance(raw, (int, float)):
+        if not math.isfinite(raw) or raw != int(raw):  # NaN, infinity or a fraction: no setting of ours holds one
+            return None
+        text = str(int(raw))
+    elif isinstance(raw, str):
+        text = raw
+        if spec.options and text not in map(str, spec.options):
+            text = next((str(o) for o in spec.options if _shows(raw, name, o)), raw)
+    else:
+        return None
+    if text == str(spec.default):  # always allowed, even where the URL names it by leaving the key out ("" lesson)
+        return spec.default
+    try:
+        return spec.parse(text)
+    except (ValueError, TypeError):
+        return None
+
+
+def _widget_states() -> dict[str, Any]:
+    """The widget states that came with this run from the browser, by widget key (decoded as Streamlit reads them).
+
+    Streamlit reads a widget's state only once the widget is drawn. On the first run of a new session (after a
+    server restart the page reconnects, and its next change starts one) nothing is drawn yet, so the states are
+    read here through Streamlit's session internals. Should those change, this finds none and the URL seeds the
+    session as on a fresh page: the student's change is lost, nothing breaks, and tests/test_url.py fails.
+    """
+    try:
+        from streamlit.runtime.state.common import unpack_widget_state_value, user_key_from_element_id
+        from streamlit.runtime.state.session_state_proxy import get_session_state
+
+        protos = get_session_state().get_widget_states()
+    except (ImportError, AttributeError, TypeError):
+        return {}
+    found = {}
+    for proto in protos:
+        try:
+            key = user_key_from_element_id(proto.id)
+            if key is not None:
+                found[key] = unpack_widget_state_value(proto)
+        except (AttributeError, TypeError, ValueError):  # one odd state (a component's bad JSON) spoils no other
+            continue
+    return found
+
+
+def sent_settings() -> dict[str, Any]:
+    """The settings whose widgets' values came with this run, by setting name (only those that decode)."""
+    states = _widget_states()
+    sent = {}
+    for name in specs():
+        key = WIDGET_OF_SETTING.get(name, name)
+        if key in states and (value := decode_widget(name, states[key])) is not None:
+            sent[name] = value
+    return sent
+
+
 def init_state() -> None:
-    """Seed session_state from the query string once per session, then from defaults."""
+    """Seed session_state once per session: from the widgets' values the browser sent, else the URL, else defaults.
+
+    A fresh page load sends no widget values, and the URL seeds everything. A page that reconnects after a server
+    restart shows widgets that already hold the student's settings, and its first run is the student's next change:
+    the URL still says what the page showed before it, so a widget's own value wins.
+    """
     ss = st.session_state
     if ss.get("_seeded"):
         # Re-assigning keeps the values of widgets hidden on this run (Streamlit drops those otherwise).
@@ -242,9 +359,11 @@ def init_state() -> None:
         return
     # With a key given twice (?lang=en&lang=zh) the last one counts, as in st.query_params.
     seeded, ignored = read_query(st.query_params.to_dict())
+    sent = sent_settings()
     for name in specs():
-        ss[name] = seeded[name]
-    ss[NOTICES_KEY] = ignored
+        ss[name] = sent.get(name, seeded[name])
+    sent_keys = {url_key(name) for name in sent}
+    ss[NOTICES_KEY] = [(key, value) for key, value in ignored if key not in sent_keys]
     ss["_seeded"] = True
 
 
@@ -289,6 +408,18 @@ def text_link_note(lang: str) -> str | None:
     if ss.get("source") != "model" or len(text) <= URL_TEXT_CHARS:
         return None
     return t("io.text_not_in_link", lang, count=len(text), limit=URL_TEXT_CHARS)
+
+
+def text_restart_note(lang: str) -> str | None:
+    """A caption for the text box when the text is too long for the link: what keeps it, and what does not.
+
+    The open page keeps it: after a server restart the text box sends it back (``init_state``). A reload
+    or the link opens the default sentence, and so does a restart while the text box is not shown.
+    """
+    ss = st.session_state
+    if ss.get("source") != "model" or len(ss.get("text", "")) <= URL_TEXT_CHARS:
+        return None
+    return t("restart.text_kept", lang, limit=URL_TEXT_CHARS)
 
 
 def query_for(names, values: Mapping[str, Any]) -> dict[str, str]:
