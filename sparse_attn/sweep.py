@@ -27,12 +27,19 @@ command line's default is ``uniform``, as vAttention samples its tail). Each
 method runs once per seed; the table reports the mean and standard deviation
 over seeds of the per-query metrics averaged over all query rows
 (deterministic methods run once: their spread is 0).
+
+A caller that must stay responsive (the app, with a student waiting) passes
+``should_stop`` and ``deadline``: the sweep checks them before every run of
+one seed and returns the rows it finished, saying why it stopped in
+``table.attrs``. ``on_step`` reports progress, and ``reference`` lets a sweep
+done in pieces compute the dense reference once.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+import time as _time
 from dataclasses import replace
 
 import torch
@@ -65,7 +72,8 @@ def default_methods() -> list[str]:
 
 def budget_sweep(q, k, v, methods, budgets, *, proposals=None, seeds=(0, 1, 2, 3, 4), causal: bool = False,
                  scale: float | None = None, time: bool = False, min_run_time: float = 0.1,
-                 config: Config | None = None):
+                 config: Config | None = None, should_stop=None, deadline: float | None = None, on_step=None,
+                 reference=None):
     """A tidy table: one row per (method, proposal, budget), metrics aggregated over seeds.
 
     Args:
@@ -81,6 +89,13 @@ def budget_sweep(q, k, v, methods, budgets, *, proposals=None, seeds=(0, 1, 2, 3
         time: also time one call per row with ``sparse_attn.timing.time_fn``
             (median and IQR in ms); otherwise NaN.
         config: the other settings (chunk size, sinks, page size, ...); default ``Config()``.
+        should_stop: a callable taking nothing, asked before every run of one
+            seed; True stops the sweep (e.g. the student who asked left).
+        deadline: a ``time.monotonic()`` instant; no run starts after it.
+        on_step: called after every run of one seed as ``on_step(done, total,
+            method, budget)`` (runs counted over the whole sweep).
+        reference: ``dense_attention(q, k, v, causal=causal, scale=scale,
+            return_weights=True)`` for these inputs, when the caller has it.
 
     Returns:
         pandas DataFrame with columns ``COLUMNS``. ``proposal`` is "" for
@@ -99,6 +114,10 @@ def budget_sweep(q, k, v, methods, budgets, *, proposals=None, seeds=(0, 1, 2, 3
         e.g. the hybrid at 1) has no row. A method whose picture has a twin
         that selects the same keys (``Method.same_result_as``) is measured
         through it; ``time`` times the method itself.
+
+        ``table.attrs``: ``stopped`` is None for a complete sweep, else
+        "deadline" or "should_stop" (only rows whose every seed ran are
+        kept); ``runs`` is (runs done, runs planned).
     """
     import pandas as pd  # the table is for display; the methods need only torch
 
@@ -110,52 +129,83 @@ def budget_sweep(q, k, v, methods, budgets, *, proposals=None, seeds=(0, 1, 2, 3
         raise ValueError("seeds must hold at least one seed, got none")
     base = replace(config or Config(), causal=causal, scale=scale)
     proposals = [base.proposal] if proposals is None else [check_choice(p, "proposal", PROPOSALS) for p in proposals]
-    ref, p = dense_attention(q, k, v, causal=causal, scale=scale, return_weights=True)
+    if deadline is not None and not isinstance(deadline, (int, float)):
+        raise TypeError(f"deadline must be a time.monotonic() instant (a number), got {type(deadline).__name__}")
+    for name, fn in (("should_stop", should_stop), ("on_step", on_step)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
     Lk = k.shape[2]
-    rows = []
+    # Every (method, proposal, budget) row with its config and seeds, planned first so progress has a total.
+    plan = []
     for key in methods:
         method = METHODS[key]
         random = "proposal" in method.params
         for proposal in proposals if random else [""]:
             for budget in budgets:
                 cfg = method.at_budget(replace(base, proposal=proposal or base.proposal), budget, num_keys=Lk)
-                if cfg is None:
-                    continue
-                run_seeds = seeds if random else seeds[:1]
-                errs, unis, masses, tvs, keys = [], [], [], [], []
-                kl_rows = kl_count = 0
-                kl_sum = 0.0
-                for seed in run_seeds:
-                    with torch.no_grad():
-                        r = method.run_for_picture(q, k, v, replace(cfg, seed=seed))
-                    errs.append(relative_error(r.output, ref, reduce="all").item())
-                    unis.append(error_vs_uniform(r.output, ref, v, causal=causal, reduce="all").item())
-                    masses.append(mass_kept(p, r.mask, reduce="all").item())
-                    w = r.weights.to(p.dtype)
-                    tvs.append(total_variation(p, w, reduce="all").item())
-                    kl = kl_divergence(p, w)
-                    finite = torch.isfinite(kl)
-                    kl_rows += kl.numel()
-                    kl_count += int(finite.sum())
-                    kl_sum += torch.where(finite, kl, 0.0).sum().item()
-                    keys.append(r.mask.sum(-1).double().mean().item())
-                t_ms = iqr_ms = float("nan")
-                if time:
-                    t = time_fn(method.timed(q, k, v, replace(cfg, seed=seeds[0])), min_run_time=min_run_time,
-                                min_runs=3)
-                    t_ms, iqr_ms = t.median * 1e3, t.iqr * 1e3
-                rows.append({
-                    "method": key, "proposal": proposal, "budget": budget, "seeds": len(run_seeds),
-                    "error_mean": statistics.fmean(errs), "error_std": statistics.pstdev(errs),
-                    "error_vs_uniform_mean": statistics.fmean(unis), "error_vs_uniform_std": statistics.pstdev(unis),
-                    "mass_kept_mean": statistics.fmean(masses), "mass_kept_std": statistics.pstdev(masses),
-                    "tv_mean": statistics.fmean(tvs),
-                    "kl_finite": kl_count / max(kl_rows, 1),
-                    "kl_mean": kl_sum / kl_count if kl_count else float("nan"),
-                    "keys_attended": statistics.fmean(keys),
-                    "time_ms": t_ms, "time_iqr_ms": iqr_ms,
-                })
-    return pd.DataFrame(rows, columns=COLUMNS)
+                if cfg is not None:
+                    plan.append((key, proposal, budget, cfg, seeds if random else seeds[:1]))
+    total = sum(len(run_seeds) for *_, run_seeds in plan)
+    done, stopped = 0, None
+
+    def halt():
+        if should_stop is not None and should_stop():
+            return "should_stop"
+        if deadline is not None and _time.monotonic() >= deadline:
+            return "deadline"
+        return None
+
+    stopped = halt()  # before the dense reference, which costs a run of its own
+    if stopped is None:
+        ref, p = reference if reference is not None else dense_attention(q, k, v, causal=causal, scale=scale,
+                                                                          return_weights=True)
+    rows = []
+    for key, proposal, budget, cfg, run_seeds in plan if stopped is None else []:
+        method = METHODS[key]
+        errs, unis, masses, tvs, keys = [], [], [], [], []
+        kl_rows = kl_count = 0
+        kl_sum = 0.0
+        for seed in run_seeds:
+            stopped = halt()
+            if stopped:
+                break
+            with torch.no_grad():
+                r = method.run_for_picture(q, k, v, replace(cfg, seed=seed))
+            errs.append(relative_error(r.output, ref, reduce="all").item())
+            unis.append(error_vs_uniform(r.output, ref, v, causal=causal, reduce="all").item())
+            masses.append(mass_kept(p, r.mask, reduce="all").item())
+            w = r.weights.to(p.dtype)
+            tvs.append(total_variation(p, w, reduce="all").item())
+            kl = kl_divergence(p, w)
+            finite = torch.isfinite(kl)
+            kl_rows += kl.numel()
+            kl_count += int(finite.sum())
+            kl_sum += torch.where(finite, kl, 0.0).sum().item()
+            keys.append(r.mask.sum(-1).double().mean().item())
+            done += 1
+            if on_step is not None:
+                on_step(done, total, key, budget)
+        if stopped:
+            break  # the row's seeds did not all run: leave it out rather than average fewer
+        t_ms = iqr_ms = float("nan")
+        if time:
+            t = time_fn(method.timed(q, k, v, replace(cfg, seed=seeds[0])), min_run_time=min_run_time,
+                        min_runs=3)
+            t_ms, iqr_ms = t.median * 1e3, t.iqr * 1e3
+        rows.append({
+            "method": key, "proposal": proposal, "budget": budget, "seeds": len(run_seeds),
+            "error_mean": statistics.fmean(errs), "error_std": statistics.pstdev(errs),
+            "error_vs_uniform_mean": statistics.fmean(unis), "error_vs_uniform_std": statistics.pstdev(unis),
+            "mass_kept_mean": statistics.fmean(masses), "mass_kept_std": statistics.pstdev(masses),
+            "tv_mean": statistics.fmean(tvs),
+            "kl_finite": kl_count / max(kl_rows, 1),
+            "kl_mean": kl_sum / kl_count if kl_count else float("nan"),
+            "keys_attended": statistics.fmean(keys),
+            "time_ms": t_ms, "time_iqr_ms": iqr_ms,
+        })
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table.attrs.update(stopped=stopped, runs=(done, total))
+    return table
 
 
 def format_table(table, *, time: bool = False):

@@ -556,3 +556,12 @@ def test_quest_with_shared_pages_reads_the_group_bound_top_pages():
         b = quest_decode(q1[:, :, -T:], c1, 10)
         torch.testing.assert_close(a.output, b.output, **TOL)
         assert torch.equal(a.selection.indices, b.selection.indices)
+
+
+def test_a_device_named_without_its_index_takes_tensors_on_it():
+    # "cuda" and "cuda:0" name one device, as "cpu:0" and "cpu" do; the cache keeps the name its tensors report.
+    cache = KVCache(1, 2, 8, 4, device="cpu:0", page_size=2)
+    assert cache.device == torch.device("cpu")
+    cache.append(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    out = dense_decode(torch.randn(1, 4, 1, 4), cache)
+    assert out.output.shape == (1, 4, 1, 4)

@@ -167,3 +167,71 @@ def test_format_table_joins_mean_and_spread():
     s = table.set_index("method").loc["sampling"]
     assert shown.loc["sampling", "error"] == f"{s.error_mean:.4g} ± {s.error_std:.4g}"
     assert shown.loc["topk", "error"] == f"{table.error_mean[0]:.4g}" and shown.loc["topk", "kl_mean"] == "-"
+
+
+# --- stopping: a deadline, a should_stop callback, progress and a shared reference -----------------------------------
+
+def test_a_past_deadline_runs_nothing_and_says_so():
+    import time
+
+    q, k, v = _qkv()
+    table = budget_sweep(q, k, v, ["topk", "sampling"], [3, 6], seeds=[0, 1], deadline=time.monotonic() - 1)
+    assert table.empty and list(table.columns) == COLUMNS
+    # topk runs one seed per budget, sampling two: six runs planned, none done.
+    assert table.attrs == {"stopped": "deadline", "runs": (0, 6)}
+
+
+def test_should_stop_is_asked_before_every_run_and_keeps_only_whole_rows():
+    q, k, v = _qkv()
+    steps, asked = [], []
+
+    def stop():
+        asked.append(len(steps))
+        return len(steps) >= 4  # stop once four runs are done: the second sampling row has one of two seeds
+
+    table = budget_sweep(q, k, v, ["topk", "sampling"], [3, 6], seeds=[0, 1], should_stop=stop,
+                         on_step=lambda *a: steps.append(a))
+    assert steps == [(1, 6, "topk", 3), (2, 6, "topk", 6), (3, 6, "sampling", 3), (4, 6, "sampling", 3)]
+    assert asked == [0, 0, 1, 2, 3, 4]  # once before the reference, then before each run
+    assert table.attrs == {"stopped": "should_stop", "runs": (4, 6)}
+    assert list(zip(table.method, table.budget)) == [("topk", 3), ("topk", 6), ("sampling", 3)]
+    # The rows it kept are the rows a full sweep gives.
+    full = budget_sweep(q, k, v, ["topk", "sampling"], [3, 6], seeds=[0, 1])
+    assert full.attrs == {"stopped": None, "runs": (6, 6)}
+    pd.testing.assert_frame_equal(table, full.iloc[:3], check_like=False)
+
+
+def test_a_deadline_reached_midway_keeps_what_finished():
+    import time
+
+    q, k, v = _qkv()
+    now = [0.0]
+    clock = time.monotonic
+
+    def step(done, total, method, budget):
+        if done == 2:
+            now[0] = 1e9  # the clock jumps past the deadline after the second run
+
+    import sparse_attn.sweep as sweep_mod
+
+    original = sweep_mod._time.monotonic
+    try:
+        sweep_mod._time.monotonic = lambda: clock() + now[0]
+        table = budget_sweep(q, k, v, ["topk", "hybrid"], [3, 6], seeds=[0], deadline=clock() + 3600, on_step=step)
+    finally:
+        sweep_mod._time.monotonic = original
+    assert table.attrs == {"stopped": "deadline", "runs": (2, 4)}
+    assert list(zip(table.method, table.budget)) == [("topk", 3), ("topk", 6)]
+
+
+def test_a_reference_given_is_used_and_bad_stop_arguments_are_refused():
+    q, k, v = _qkv()
+    ref = dense_attention(q, k, v, return_weights=True)
+    pd.testing.assert_frame_equal(budget_sweep(q, k, v, ["topk"], [3], reference=ref),
+                                  budget_sweep(q, k, v, ["topk"], [3]))
+    with pytest.raises(TypeError, match="deadline must be"):
+        budget_sweep(q, k, v, ["topk"], [3], deadline="soon")
+    with pytest.raises(TypeError, match="should_stop must be callable"):
+        budget_sweep(q, k, v, ["topk"], [3], should_stop=True)
+    with pytest.raises(TypeError, match="on_step must be callable"):
+        budget_sweep(q, k, v, ["topk"], [3], on_step=1)

@@ -68,6 +68,8 @@ class KVCache:
         self.read_only = False
         self.k = torch.zeros(B, Hkv, cap, D, dtype=dtype, device=self.device)
         self.v = torch.zeros(B, Hkv, cap, Dv, dtype=dtype, device=self.device)
+        # The device as tensors report it: "cuda" becomes "cuda:0", so the device checks compare like with like.
+        self.device = self.k.device
 
         self.compress_block_size = check_int(compress_block_size, "compress_block_size", minimum=1, allow_none=True)
         self.compress_block_sliding_stride = None

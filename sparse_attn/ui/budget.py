@@ -8,14 +8,27 @@ rest (``Method.at_budget``).
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable, NamedTuple
+
 import pandas as pd
 import streamlit as st
+import torch
+from streamlit.runtime import Runtime
+from streamlit.runtime.scriptrunner_utils.script_requests import ScriptRequestType
+from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
 
 from sparse_attn import viz
 from sparse_attn.i18n import t
 from sparse_attn.methods import METHODS, SettingError, Shape, shape_of
+from sparse_attn.ops.dense import dense_attention
+from sparse_attn.sweep import budget_sweep
 
-from . import compute, errors, export, guide
+from . import admission, charts, compute, errors, guide, state
 from .memory import BudgetError, check_budget
 
 BUDGETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # keys per query; those beyond the key length are left out
@@ -35,9 +48,45 @@ def swept() -> list[str]:
     return default_methods()
 
 
-@st.cache_data(max_entries=8, ttl=1800, show_spinner=False)
-def curve(s: dict, upload=None):
-    """(table, skipped, shape): the sweep of every ``swept()`` method, what was left out and why, q/k/v's sizes.
+# A sweep runs at most this long (``SPARSE_ATTN_SWEEP_LIMIT_S`` when set); then it shows what finished.
+LIMIT_ENV = "SPARSE_ATTN_SWEEP_LIMIT_S"
+LIMIT_S = 60.0
+# CPU seconds of one run of one seed: a fixed part plus a part per million (query, key) pairs over all heads
+# (B * H * Lq * Lk), fitted to the whole default sweep at L = 256 and 512 on a 2-core CPU (0.40 and 0.97 s per
+# run; docs/benchmarks.md). Only the pre-start estimate uses it, to decide whether to run one seed instead of
+# three; the deadline is what bounds a run, on any machine.
+RUN_S = (0.2, 0.75)
+KEEP = 8  # finished sweeps kept per server (each a table of at most a few hundred rows)
+KEEP_S = 1800.0
+
+
+def limit_s() -> float:
+    raw = os.environ.get(LIMIT_ENV)
+    try:
+        value = float(raw) if raw else LIMIT_S
+    except ValueError:
+        raise ValueError(f"{LIMIT_ENV} must be a number of seconds, got {raw!r}") from None
+    return value if value > 0 else LIMIT_S
+
+
+class Plan(NamedTuple):
+    """What a sweep will run, decided before anything large is allocated."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    shape: Shape
+    steps: list  # (method, budget) in budget-major order: a sweep cut short still shows every method's left end
+    runs: dict  # method -> runs of one seed per step
+    seeds: tuple
+    skipped: list
+    need_bytes: float
+    estimate_s: float  # of the full plan, with ``SEEDS``
+    shrunk: bool  # sampled methods run one seed because three would not fit in the time limit
+
+
+def plan(s: dict, upload=None) -> Plan:
+    """The steps of the sweep, the memory they need and the time they would take; ``SettingError`` for bad input.
 
     ``skipped`` holds (method, last, code, params, message): for a method
     whose settings this input cannot take; for the first budget whose memory
@@ -46,37 +95,212 @@ def curve(s: dict, upload=None):
     fits, or None; and with code "no_point" for a method that no budget here
     can drive (``at_budget`` returns None).
     """
-    from sparse_attn.sweep import budget_sweep
-
     q, k, v, _, _ = compute.qkv(s, upload)
     shape = shape_of(q, k, v)
     errors.inject_fault("budget")
     base = compute.config(s)  # the sidebar's settings, causal included; each budget sets the rest
     budgets = [b for b in BUDGETS if b <= shape.Lk]
-    tables, skipped = [], []
+    fits, skipped, need = {}, [], 0.0
     for key in swept():
         method = METHODS[key]
-        fits = []
+        fits[key] = []
         try:
             for b in budgets:
                 cfg = method.at_budget(base, b, num_keys=shape.Lk)
                 if cfg is not None:
-                    check_budget(key, shape, cfg, q.element_size(), with_view=True)
-                    fits.append(b)
+                    need = max(need, check_budget(key, shape, cfg, q.element_size(), with_view=True))
+                    fits[key].append(b)
         except BudgetError as exc:  # costs grow with the budget: the larger ones would be refused too
-            skipped.append((key, fits[-1] if fits else None, exc.code, dict(exc.params), str(exc)))
-        else:
-            if not fits and budgets:
-                skipped.append((key, None, "no_point", {"max": budgets[-1]}, "no budget here can drive it"))
-        if not fits:
-            continue
-        try:
-            tables.append(budget_sweep(q, k, v, [key], fits, proposals=[s["proposal"]], seeds=SEEDS,
-                                       causal=s["causal"], config=base))
+            skipped.append((key, fits[key][-1] if fits[key] else None, exc.code, dict(exc.params), str(exc)))
         except SettingError as exc:  # e.g. a page larger than this input: the other methods still show
             skipped.append((key, None, exc.code, dict(exc.params), str(exc)))
-    df = pd.concat(tables, ignore_index=True) if tables else None
-    return df, skipped, tuple(shape)
+            fits[key] = []
+        else:
+            if not fits[key] and budgets:
+                skipped.append((key, None, "no_point", {"max": budgets[-1]}, "no budget here can drive it"))
+    steps = [(key, b) for b in budgets for key in fits if b in fits[key]]
+    random = {key: "proposal" in METHODS[key].params for key in fits}
+    per_run = RUN_S[0] + RUN_S[1] * shape.B * shape.H * shape.Lq * shape.Lk / 1e6
+    estimate = sum(len(SEEDS) if random[key] else 1 for key, _ in steps) * per_run
+    # Fewer seeds only help where a method draws them: otherwise the deadline alone bounds the run.
+    seeds = SEEDS if estimate <= limit_s() or not any(random[key] for key, _ in steps) else SEEDS[:1]
+    runs = {key: len(seeds) if random[key] else 1 for key in fits}
+    return Plan(q, k, v, shape, steps, runs, seeds, skipped, need, estimate, seeds != SEEDS)
+
+
+class Sweep:
+    """One sweep's rows so far; ``final`` once complete or cut at the time limit (a student who left resumes it)."""
+
+    def __init__(self, p: Plan):
+        self.lock = threading.Lock()  # one session computes a sweep; another with the same settings waits for it
+        self.parts: list[pd.DataFrame] = []
+        self.done: set = set()
+        self.failed: set = set()
+        self.skipped = list(p.skipped)
+        self.shape = tuple(p.shape)
+        self.runs_total = sum(p.runs[key] for key, _ in p.steps)
+        self.runs_done = 0
+        self.final = False
+        self.cut = None  # (limit_s, last budget every method reached) when the time limit stopped it
+        self.shrunk = (p.estimate_s, len(p.seeds)) if p.shrunk else None
+        self.born = time.monotonic()
+
+    def table(self) -> pd.DataFrame | None:
+        if not self.parts:
+            return None
+        df = pd.concat(self.parts, ignore_index=True)
+        order = {key: i for i, key in enumerate(swept())}  # registration order, then budget: as the chart reads
+        return df.sort_values(["method", "budget"], key=lambda c: c.map(order) if c.name == "method" else c,
+                              kind="stable", ignore_index=True)
+
+
+class Sweeps:
+    """The finished (and resumable) sweeps of this server, at most ``KEEP``, each for ``KEEP_S`` s."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, key) -> Sweep | None:
+        with self._lock:
+            now = time.monotonic()
+            for old in [k for k, sw in self._items.items() if now - sw.born > KEEP_S]:
+                del self._items[old]
+            if key in self._items:
+                self._items.move_to_end(key)
+            return self._items.get(key)
+
+    def add(self, key, sw: Sweep) -> Sweep:
+        """Keep ``sw`` under ``key``, unless another session just did: then the one kept."""
+        with self._lock:
+            kept = self._items.setdefault(key, sw)
+            self._items.move_to_end(key)
+            while len(self._items) > KEEP:
+                self._items.popitem(last=False)
+            return kept
+
+
+@st.cache_resource
+def sweeps() -> Sweeps:
+    return Sweeps()
+
+
+def cache_key(s: dict, upload) -> tuple:
+    digest = None if upload is None else (upload[0], hashlib.sha256(upload[1]).hexdigest())
+    return tuple(sorted(s.items())), digest
+
+
+def still_here() -> Callable[[], bool]:
+    """False once this run's student closed the page (websocket gone) or asked for a rerun."""
+    ctx = get_script_run_ctx(suppress_warning=True)
+    if ctx is None:
+        return lambda: True
+    runtime = Runtime.instance() if Runtime.exists() else None
+    requests = ctx.script_requests
+
+    def alive() -> bool:
+        if runtime is not None and not runtime.is_active_session(ctx.session_id):
+            return False
+        # A pending rerun or stop (fastReruns): Streamlit would raise it at the next st call; notice it between runs.
+        state = getattr(requests, "_state", None)
+        return state is None or state == ScriptRequestType.CONTINUE
+    return alive
+
+
+def _progress(bar, sw: Sweep, key: str, budget: int, started: float, runs_at_start: int, lang: str) -> None:
+    done = sw.runs_done - runs_at_start
+    rate = (time.monotonic() - started) / done if done else None
+    left = "…" if rate is None else f"{rate * (sw.runs_total - sw.runs_done):.0f}"
+    bar.progress(min(sw.runs_done / max(sw.runs_total, 1), 1.0),
+                 text=t("guard.sweep_progress", lang, method=t(f"method.{key}", lang), budget=budget,
+                        done=sw.runs_done, total=sw.runs_total, left=left))
+
+
+def _run(sw: Sweep, p: Plan, s: dict, bar, lang: str) -> None:
+    """Run the steps ``sw`` has not done, until done, the time limit, or the student leaves or reruns."""
+    limit = limit_s()
+    started = time.monotonic()
+    deadline = started + limit
+    alive, at_start = still_here(), sw.runs_done
+    base = compute.config(s)
+    with torch.no_grad():
+        ref = dense_attention(p.q, p.k, p.v, causal=s["causal"], return_weights=True)
+    stopped = None
+    for key, b in p.steps:
+        if (key, b) in sw.done or key in sw.failed:
+            continue
+        _progress(bar, sw, key, b, started, at_start, lang)  # an st call: where Streamlit stops a run it was asked to
+        runs_before = sw.runs_done
+
+        def step(done, total, method, budget, runs_before=runs_before):
+            sw.runs_done = runs_before + done
+        try:
+            df = budget_sweep(p.q, p.k, p.v, [key], [b], proposals=[s["proposal"]], seeds=p.seeds,
+                              causal=s["causal"], config=base, reference=ref, should_stop=lambda: not alive(),
+                              deadline=deadline, on_step=step)
+        except SettingError as exc:  # e.g. a page larger than this input: the other methods still show
+            sw.skipped.append((key, None, exc.code, dict(exc.params), str(exc)))
+            sw.failed.add(key)
+            continue
+        stopped = df.attrs["stopped"]
+        if stopped:
+            sw.runs_done = runs_before  # the unfinished row is left out, and so are its runs
+            break
+        sw.parts.append(df)
+        sw.done.add((key, b))
+    if stopped == "should_stop":
+        return  # not final: the same settings resume from here
+    if stopped == "deadline":
+        reached = [b for b in sorted({b for _, b in p.steps}) if all((k2, b) in sw.done or k2 in sw.failed
+                                                                      for k2, b2 in p.steps if b2 == b)]
+        sw.cut = (limit, reached[-1] if reached else None)
+    sw.final = True
+
+
+def curve(s: dict, upload, lang: str, announce: Callable[[Sweep], None] | None = None) -> Sweep | None:
+    """The sweep for these settings: from this server's memory, or run now with progress; None when the server is busy.
+
+    A run is admitted against the server's memory budget (``admission``), shows
+    a progress bar, stops at ``limit_s()`` (keeping what finished) and stops
+    between runs when its student leaves or reruns (kept, to resume).
+    ``announce(sweep)`` is called before a run starts, to say what was decided.
+    """
+    key = cache_key(s, upload)
+    sw = sweeps().get(key)
+    if sw is not None and sw.final:
+        return sw
+    p = plan(s, upload)
+    sw = sw or sweeps().add(key, Sweep(p))
+    box = st.empty()
+    waited = time.monotonic()
+    while not sw.lock.acquire(timeout=admission.POLL_S):  # another student is computing these very settings
+        if time.monotonic() - waited > admission.WAIT_S:
+            box.empty()
+            st.warning(t("guard.busy", lang), icon=admission.ICON_WAIT)
+            return None
+        box.info(t("guard.same_sweep", lang), icon=admission.ICON_WAIT)
+    try:
+        if sw.final:
+            box.empty()
+            return sw
+        if announce is not None:
+            announce(sw)
+        try:
+            with admission.hold(p.need_bytes, lang, box):
+                bar = box.progress(0.0, text=t("guard.sweep_start", lang))
+                _run(sw, p, s, bar, lang)
+        except admission.ServerBusy:
+            st.warning(t("guard.busy", lang), icon=admission.ICON_WAIT)
+            return None
+        box.empty()
+    finally:
+        sw.lock.release()
+    return sw
+
+
+def _lower(sw: Sweep, lang: str) -> str:
+    """The setting to lower for a faster sweep: time grows with heads x length^2, so the length, unless shortest."""
+    return errors.setting_label("seq_len" if Shape(*sw.shape).Lq > min(state.SEQ_LENS) else "heads", lang)
 
 
 def method_name(method: str, proposal: str, lang: str) -> str:
@@ -96,12 +320,29 @@ def current_keys(s: dict, shape: Shape) -> float | None:
 
 def render(s: dict, lang: str) -> None:
     st.caption(t("budget.intro", lang))
+    notes, said = st.container(), []
+
+    def announce(sw: Sweep) -> None:  # before the run starts, and again on every rerun that shows its result
+        if sw.shrunk and not said:
+            notes.info(t("guard.shrunk", lang, limit=f"{limit_s():.0f}", seeds=len(SEEDS), setting=_lower(sw, lang)))
+            said.append(True)
+
     try:
         # The curve does not depend on the chosen method or on the settings a budget sets: pin them.
-        df, skipped, shape = curve({**{k: s[k] for k in compute.COMPUTE_KEYS}, **PINNED}, s["upload"])
+        sw = curve({**{k: s[k] for k in compute.COMPUTE_KEYS}, **PINNED}, s["upload"], lang, announce)
     except Exception as exc:
         errors.show(exc, lang)
         return
+    if sw is None:  # the server stayed busy: told so
+        return
+    announce(sw)
+    df, skipped, shape = sw.table(), sw.skipped, sw.shape
+    setting = _lower(sw, lang)
+    if sw.cut:
+        limit, last = sw.cut
+        where = (t("guard.cut_reached", lang, last=last) if last is not None else t("guard.cut_none", lang))
+        st.warning(t("guard.cut", lang, limit=f"{limit:.0f}", done=sw.runs_done, total=sw.runs_total, where=where,
+                     setting=setting), icon=":material/timer:")
     for key, last, code, params, message in skipped:
         reason = (t("budget.no_point", lang, **params) if code == "no_point"
                   else errors.message(SettingError(code, message, **params), lang))
@@ -119,7 +360,7 @@ def render(s: dict, lang: str) -> None:
                                         value=f"{here:.3g}")
     fig = viz.budget_curve(df, x="budget", y=metric, names=names, current=here, current_label=label,
                            exact_below=EXACT_BELOW.get(s["dtype"], EXACT_BELOW_DEFAULT), lang=lang)
-    st.plotly_chart(fig, key="budget_chart", config={"displaylogo": False})
+    charts.show(fig, "budget_chart", filename="accuracy_vs_budget")
     guide.note("budget", lang)
     st.caption(t("budget.note", lang))
     cols = {
@@ -131,8 +372,6 @@ def render(s: dict, lang: str) -> None:
     }
     table = df[list(cols)].assign(method=df["method"].map(names)).rename(columns=cols)
     st.dataframe(table, hide_index=True)
-    c1, c2 = st.columns(2)
-    c1.download_button(t("export.png", lang), lambda: export.png(fig), file_name="accuracy_vs_budget.png",
-                       mime="image/png", key="png_budget", on_click="ignore")
-    c2.download_button(t("export.csv_budget", lang), df.to_csv(index=False).encode(), file_name="accuracy_vs_budget.csv",
+    charts.save_hint(lang)
+    st.download_button(t("export.csv_budget", lang), df.to_csv(index=False).encode(), file_name="accuracy_vs_budget.csv",
                        mime="text/csv", key="csv_budget", on_click="ignore")

@@ -18,11 +18,12 @@ import streamlit as st
 import torch
 
 from sparse_attn import metrics
+from sparse_attn.i18n import t
 from sparse_attn.methods import METHODS, Config, shape_of
 from sparse_attn.ops.dense import allowed_pairs
 from sparse_attn.viz import MAX_CELLS, Pooled, pool_cells
 
-from . import errors, inputs, nsa_panel
+from . import admission, errors, inputs, nsa_panel
 from .memory import check_budget
 
 # The Config fields the settings dict holds (under the same names); the softmax scale and the
@@ -147,16 +148,41 @@ def _log_call(name: str) -> None:
             f.write(name + "\n")
 
 
-@st.cache_data(max_entries=16, ttl=1800, show_spinner=False)
 def view(s: dict, upload: tuple[str, bytes] | None = None) -> dict:
     """Every head's pooled maps under both poolings, the small multiples and the metrics (``pick`` takes one head).
 
     ``s`` holds COMPUTE_KEYS; ``upload`` is (file name, bytes) for the file source. Head,
     pooling, log scale and language are not arguments: changing them recomputes nothing.
+    When the server's memory is busy the student waits in line with a message
+    (``admission``); if it stays busy they are told to try again and the run stops there.
     """
+    try:
+        lang = st.session_state.get("lang", "en")
+    except Exception:  # called outside a Streamlit run (notebooks, tests): no session, English
+        lang = "en"
+    try:
+        return admission.call(_view, s, upload, lang=lang)
+    except admission.ServerBusy:
+        st.warning(t("guard.busy", lang), icon=admission.ICON_WAIT)
+        st.stop()
+
+
+@st.cache_data(max_entries=16, ttl=1800, show_spinner=False)
+def _view(s: dict, upload: tuple[str, bytes] | None = None) -> dict:
     _log_call("view")
     q, k, v, tokens, notes = qkv(s, upload)
     cfg = config(s)
+    itemsize = q.element_size()
+    # Inside the cache, so a hit queues for nothing; q, k and v (a few MiB) are already loaded, the maps are not.
+    with admission.admit(check_budget(s["method"], shape_of(q, k, v), cfg, itemsize)):
+        return _maps(s, q, k, v, tokens, notes, cfg)
+
+
+view.clear = _view.clear  # the tests empty the cache through the public name
+
+
+def _maps(s: dict, q, k, v, tokens, notes, cfg) -> dict:
+    # Its own function: the (B, H, L, L) tensors die when it returns, before the bytes are given back.
     with torch.no_grad():
         dense = METHODS["dense"].run(q, k, v, cfg)
         errors.inject_fault("maps")

@@ -4,7 +4,9 @@ Timing runs from all sessions share one lock per device, so one student's
 benchmark never runs beside another's and distorts it. Each point is timed
 until its spread is small (``sparse_attn.timing.time_until_stable``) or its
 share of the time budget is spent; a run stops before a point that would not
-fit in what is left, and says which points it did not measure.
+fit in what is left, and says which points it did not measure. Each point
+also holds its memory estimate of the server-wide budget while it runs
+(``admission``), queueing with a message when the maps or a sweep hold it.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from sparse_attn.i18n import t
 from sparse_attn.methods import METHODS, shape_of
 from sparse_attn.timing import NOISY_IQR, cuda_peak_bytes, time_until_stable
 
-from . import compute, errors, export, guide, state
+from . import admission, charts, compute, errors, guide, state
 from .memory import BudgetError, check_budget
 
 LENGTHS = tuple(L for L in state.SEQ_LENS if L >= 64)
@@ -101,7 +103,7 @@ def run_sweep(s: dict, lengths, budget_s: float, lang: str, progress=None, min_r
                 break
             m = METHODS[key]
             try:
-                check_budget(key, shape, cfg, q.element_size(), with_view=False)
+                need_bytes = check_budget(key, shape, cfg, q.element_size(), with_view=False)
             except BudgetError:
                 rows.append(_row(key, L))
                 done += 1
@@ -114,10 +116,11 @@ def run_sweep(s: dict, lengths, budget_s: float, lang: str, progress=None, min_r
                 stopped = Stopped(key, L, steps - done, steps, need, left)
                 break
             share = min(max(left / (steps - done), POINT_S[0]), POINT_S[1], left)
-            with torch.no_grad():
+            with admission.hold(need_bytes, lang), torch.no_grad():
                 call = m.timed(q, k, v, cfg)
                 timing = time_until_stable(call, max_time=share, min_runs=MIN_RUNS, min_run_time=min_run_time)
                 peak = _peak_bytes(call, s["device"])
+                del call  # its tensors go before the bytes are given back
             rate[key] = max(rate.get(key, 0.0), timing.median / max(cost.flops, 1.0))
             rows.append(_row(key, L, median_ms=timing.median * 1e3, q1_ms=timing.q1 * 1e3, q3_ms=timing.q3 * 1e3,
                              iqr_ms=timing.iqr * 1e3, runs=timing.runs, noisy=timing.noisy(NOISY_IQR),
@@ -206,6 +209,9 @@ def render(s: dict, lang: str) -> None:
             bar.empty()
             ss["sp_result"] = dict(df=df, stopped=stopped, budget=budget_s, device=s["device"],
                                    chunk=s["chunk_size"])
+        except admission.ServerBusy:  # memory stayed taken by other students' maps or sweeps: not an error
+            st.warning(t("guard.busy", lang), icon=admission.ICON_WAIT)
+            return
         except Exception as exc:
             errors.show(exc, lang)
             return
@@ -221,13 +227,11 @@ def render(s: dict, lang: str) -> None:
     _status(result, names, lang)
     shown = df[df["runs"].gt(0)]
     fig = viz.scaling_plot(shown, spread=("q1_ms", "q3_ms"), noisy="noisy", names=names, lang=lang)
-    st.plotly_chart(fig, key="speed_chart", config={"displaylogo": False})
+    charts.show(fig, "speed_chart", filename="timings")
     guide.note("speed", lang)
     st.caption(t("charts.speed_why", lang))
     st.dataframe(table(df, names, result["device"], lang), hide_index=True)
     csv = df if result["device"].startswith("cuda") else df.drop(columns="memory_peak")
-    c1, c2 = st.columns(2)
-    c1.download_button(t("export.png", lang), lambda: export.png(fig), file_name="timings.png", mime="image/png",
-                       key="png_speed", on_click="ignore")
-    c2.download_button(t("export.csv_timings", lang), csv.to_csv(index=False).encode(), file_name="timings.csv",
+    charts.save_hint(lang)
+    st.download_button(t("export.csv_timings", lang), csv.to_csv(index=False).encode(), file_name="timings.csv",
                        mime="text/csv", key="csv_speed", on_click="ignore")
