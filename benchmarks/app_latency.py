@@ -6,7 +6,8 @@
 Cases: ``k:L`` presses an arrow key on the k slider at sequence length L (a
 change that recomputes the attention); ``pool:L`` and ``log:L`` flip the
 pooling radio or the log-scale toggle (view-only: drawn from the cache);
-``lang:L`` switches English <-> 中文. Starts the app on a free loopback port,
+``lang:L`` switches English <-> 中文; ``png:L`` saves the maps as a PNG through the chart's camera
+button (drawn in the browser) and waits for the download. Starts the app on a free loopback port,
 opens it in the system Chromium, and times from the input until the sparse
 heatmap's data on screen (plotly's own ``_fullData``) differs from before, or
 for a language switch until the title is in the new language and the page is
@@ -23,11 +24,12 @@ import time
 
 from playwright.sync_api import sync_playwright
 
-from benchmarks.browser import IDLE, signature, wait_for_new_signature, wait_for_plot, wait_idle
+from benchmarks.browser import IDLE, MAPS, signature, wait_for_new_signature, wait_for_plot, wait_idle
 from sparse_attn.i18n import LANG_NAMES, t
 from sparse_attn.ui.server import CHROMIUM, CHROMIUM_ARGS, serve
 
-DEFAULT_CASES = ("k:256", "k:4096", "pool:4096", "log:4096", "lang:256")
+DEFAULT_CASES = ("k:256", "k:4096", "pool:4096", "log:4096", "lang:256", "png:256")
+KINDS = ("k", "pool", "log", "lang", "png")
 # Targets on an idle 2-core machine (the app issue's): seconds, median.
 TARGETS = {"k:256": 1.0, "k:4096": 1.5, "pool:4096": 0.5, "log:4096": 0.5, "lang:256": 1.0}
 TIMEOUT = 180_000
@@ -68,6 +70,13 @@ def _change_and_wait(page, kind: str, i: int, sig, lang: str):
         start = _click(page, page.get_by_text(t("viz.pool_mean" if i % 2 == 0 else "viz.pool_max", lang), exact=True))
     elif kind == "log":
         start = _click(page, page.get_by_text(t("setting.log", lang), exact=True))
+    elif kind == "png":
+        page.locator(f".st-key-{MAPS} .js-plotly-plot").hover()
+        camera = page.locator(f".st-key-{MAPS} .modebar-btn[data-title*='png' i]")
+        with page.expect_download(timeout=TIMEOUT) as info:
+            start = _click(page, camera)
+        info.value.path()  # the file is written
+        return time.perf_counter() - start, sig, lang
     else:  # lang
         new = "zh" if lang == "en" else "en"
         start = _click(page, page.locator("[data-testid='stSidebar']").get_by_text(LANG_NAMES[new], exact=True))
@@ -94,13 +103,13 @@ def measure(page, url: str, case: str, repeats: int, warmup: int = 2) -> list[fl
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES),
-                    help="kind:L with kind one of k, pool, log, lang (default: %(default)s)")
+                    help="kind:L with kind one of k, pool, log, lang, png (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args(argv)
     for case in args.cases:
         kind, _, L = case.partition(":")
-        if kind not in ("k", "pool", "log", "lang") or not L.isdigit():
-            ap.error(f"--cases: {case!r} is not kind:L with kind one of k, pool, log, lang")
+        if kind not in KINDS or not L.isdigit():
+            ap.error(f"--cases: {case!r} is not kind:L with kind one of {', '.join(KINDS)}")
     rows = []
     load = os.getloadavg()[0]
     with serve() as url, sync_playwright() as pw:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import threading
 import time
 from collections import deque
@@ -34,7 +33,7 @@ import streamlit as st
 
 from sparse_attn.i18n import t
 
-from .memory import BudgetError, default_budget_bytes
+from .memory import BudgetError, default_budget_bytes, mib_from_env
 
 __all__ = ["SERVER_BUDGET_ENV", "WAIT_S", "Busy", "ServerBusy", "Gate", "Ticket", "gate", "server_budget_bytes",
            "admit", "hold", "call"]
@@ -79,15 +78,8 @@ class Queue(NamedTuple):
 
 def server_budget_bytes() -> int:
     """``SPARSE_ATTN_SERVER_BUDGET_MB`` in bytes when set (a positive number of MiB), else the per-view budget."""
-    raw = os.environ.get(SERVER_BUDGET_ENV)
-    if raw:
-        try:
-            mb = float(raw)
-        except ValueError:
-            raise ValueError(f"{SERVER_BUDGET_ENV} must be a number of MiB, got {raw!r}") from None
-        if mb > 0:
-            return int(mb * 2**20)
-    return default_budget_bytes()
+    found = mib_from_env(SERVER_BUDGET_ENV)
+    return default_budget_bytes() if found is None else found
 
 
 class Gate:

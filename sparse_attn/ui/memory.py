@@ -21,17 +21,22 @@ class BudgetError(SettingError):
     """The estimated memory exceeds the budget; ``params['setting']`` is the one to lower."""
 
 
+def mib_from_env(name: str) -> int | None:
+    """The environment variable ``name`` as bytes (a positive number of MiB), or None when unset or not positive."""
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of MiB, got {raw!r}") from None
+    return int(mb * 2**20) if mb > 0 else None
+
+
 def default_budget_bytes() -> int:
     """2 GiB (a laptop shared with a browser), or ``SPARSE_ATTN_MEMORY_BUDGET_MB`` when set."""
-    raw = os.environ.get(BUDGET_ENV)
-    if raw:
-        try:
-            mb = float(raw)
-        except ValueError:
-            raise ValueError(f"SPARSE_ATTN_MEMORY_BUDGET_MB must be a number of MiB, got {raw!r}") from None
-        if mb > 0:
-            return int(mb * 2**20)
-    return 2 * 2**30
+    found = mib_from_env(BUDGET_ENV)
+    return 2 * 2**30 if found is None else found
 
 
 def estimate_view_memory(s: Shape) -> float:
