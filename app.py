@@ -2,7 +2,7 @@
 import streamlit as st
 
 from sparse_attn.i18n import t
-from sparse_attn.ui import budget, explainer, lessons, maps, sidebar, speed, state
+from sparse_attn.ui import budget, explainer, generate, lessons, maps, sidebar, speed, state
 
 st.set_page_config(page_title="sparse-attn", page_icon="🔍", layout="wide")
 state.init_state()
@@ -13,7 +13,7 @@ st.title(t("app.title", lang))
 st.caption(t("app.subtitle", lang))
 state.show_url_notices(lang)
 lessons.banner(lang)
-tab_maps, tab_budget, tab_speed, tab_explain = st.tabs(
+tab_maps, tab_budget, tab_speed, tab_generate, tab_explain = st.tabs(
     state.tab_labels(lang), key="tab", on_change="rerun", default=state.open_tab_label(lang)
 )
 state.write_query_params(state.specs())
@@ -26,6 +26,9 @@ if tab_budget.open:
 if tab_speed.open:
     with tab_speed:
         speed.render(settings, lang)
+if tab_generate.open:
+    with tab_generate:
+        generate.render(settings, lang)
 if tab_explain.open:
     with tab_explain:
         explainer.render(lang)

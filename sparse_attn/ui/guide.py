@@ -8,7 +8,8 @@ import streamlit as st
 from sparse_attn.i18n import t
 
 # The notebook chapters, in course order; each has a built notebook per language (notebooks/<lang>/<slug>.ipynb).
-CHAPTERS = ("ch1_why", "ch2_dense", "ch3_topk", "ch4_sampling", "ch5_blocks", "ch6_real_model", "ch7_tuning")
+CHAPTERS = ("ch1_why", "ch2_dense", "ch3_topk", "ch4_sampling", "ch5_blocks", "ch6_real_model", "ch7_tuning",
+            "ch8_decode")
 
 # Picture id -> the chapter that explains it. The reading note is the catalog string ``guide.<picture>``.
 PICTURES = {
@@ -22,6 +23,8 @@ PICTURES = {
     "nsa_gates": "ch5_blocks",
     "model_lines": "ch6_real_model",
     "model_overview": "ch6_real_model",
+    "generate_bytes": "ch8_decode",
+    "generate_steps": "ch8_decode",
 }
 
 

@@ -447,7 +447,7 @@ def write_query_params(names) -> None:
         st.query_params.from_dict(want)
 
 
-TABS = ("maps", "budget", "speed", "explain")
+TABS = ("maps", "budget", "speed", "generate", "explain")
 
 
 def tab_labels(lang: str) -> list[str]:
