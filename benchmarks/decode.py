@@ -17,6 +17,17 @@ speedup is against; ``dense`` the same attention spelled out;
 paper's per-head rule, which reads up to 16x its budget per group at 64
 query over 4 KV heads).
 
+On CUDA each step is also captured in a CUDA graph (``--cuda-graphs``, on
+by default there) and its replays timed: the query and the cache's storage
+are the graph's static inputs, as a serving engine replays one captured step
+per length bucket; both times are reported, eager first. Before timing, one
+eager step runs under ``torch.cuda.set_sync_debug_mode("error")``: a step that
+makes the host wait for the GPU (``.item()``, ``nonzero``, a data-dependent
+shape) is named in the ``host syncs`` column and is not captured. With
+``--compare-reference`` (on by default on CUDA) the sparse methods run once
+more with every Triton kernel off (``kernels.dispatch.reference_only``): the
+largest difference of the outputs, and that path's graph time.
+
 Settings default to the papers' (NSA: compression blocks of 32 every 16,
 16 selection blocks of 64, a window of 512; Quest: pages of 16; top-k and
 Quest keep 2048 tokens; StreamingLLM 4 sinks and 2044 recent tokens) and are
@@ -38,10 +49,11 @@ from pathlib import Path
 import torch
 
 from sparse_attn.decode import DECODERS, KVCache, quest_decode, sdpa_decode
+from sparse_attn.kernels.dispatch import reference_only
 from sparse_attn.methods import METHODS, Config
 from sparse_attn.timing import time_fn
 
-__all__ = ["main", "copy_bandwidth", "measure", "format_table"]
+__all__ = ["main", "copy_bandwidth", "measure", "format_table", "host_sync", "capture"]
 
 # quest_grouped: Quest with one pick of pages per KV group (quest_decode's query_heads_share_pages), beside
 # the paper's per-head rule, which under 16 query heads per KV head can read up to 16 x the budget.
@@ -53,6 +65,8 @@ _SETTINGS = {  # Config field -> default here (the papers' settings at long cont
     "sliding_window_size": 512, "num_initial_blocks": 1, "num_local_blocks": 2, "num_sink_tokens": 4,
 }
 _FILL_CHUNK = 8192  # tokens per append while filling: bounds the random tensors made at once
+# Methods whose step has a Triton path (the rows kernel): timed again on the PyTorch path with --compare-reference.
+_WITH_KERNEL = ("quest", "nsa", "streaming_llm", "quest_grouped")
 
 
 def _sync(device: torch.device) -> None:
@@ -71,6 +85,73 @@ def copy_bandwidth(device: torch.device, nbytes: int, *, min_run_time: float = 0
     dst = torch.empty_like(src)
     timing = time_fn(lambda: dst.copy_(src), min_run_time=min_run_time)
     return 2 * src.numel() * 4 / timing.median
+
+
+def host_sync(step, q, cache) -> str | None:
+    """None when one step of ``step`` never makes the host wait for the GPU, else the first such call's message."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(q, cache)
+    except RuntimeError as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+    return None
+
+
+def capture(step, q, cache, warmup: int = 2):
+    """(graph, result): one step captured in a CUDA graph; ``graph.replay()`` reruns it on ``q``'s storage.
+
+    Warm-up runs on a side stream first, as ``torch.cuda.graph`` asks: they
+    compile the kernels and fill the decoders' caches of fixed tensors, so
+    the capture records only the step's own kernels.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step(q, cache)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = step(q, cache)
+    return graph, result
+
+
+def kernel_profile(step, q, cache, top: int = 10) -> tuple[int, float, list]:
+    """(kernels launched, their summed GPU time in seconds, the ``top`` costliest as (name, count, seconds))
+
+    over one eager step, from ``torch.profiler``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(q, cache)
+        torch.cuda.synchronize()
+    count, busy_us, kernels = 0, 0.0, []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        t = getattr(e, "self_cuda_time_total", 0.0) if t is None else t
+        if t > 0:
+            count += e.count
+            busy_us += t
+            kernels.append((e.key[:90], e.count, t * 1e-6))
+    return count, busy_us * 1e-6, sorted(kernels, key=lambda k: -k[2])[:top]
+
+
+def _graph_time(step, q, cache, min_run_time: float):
+    """(Timing of the graph's replays, its output equal to the eager step's) ; the graph is freed after."""
+    eager = step(q, cache).output.clone()
+    graph, result = capture(step, q, cache)
+    graph.replay()
+    torch.cuda.synchronize()
+    same = bool(torch.equal(result.output, eager))
+    timing = time_fn(graph.replay, min_run_time=min_run_time)
+    del graph, result
+    return timing, same
 
 
 def _fill(cfg: Config, B: int, Hkv: int, length: int, D: int, dtype, device, seed: int) -> KVCache:
@@ -119,10 +200,19 @@ def measure(args, cfg: Config, device: torch.device, dtype, copy_bps: float, log
             for m in args.methods:
                 row = dict(method=m, batch=B, length=L, heads=args.heads, kv_heads=args.kv_heads,
                            head_dim=args.head_dim, dtype=str(dtype).replace("torch.", ""), device=device.type)
+                step = _step(m, cfg, args.streaming_window_size)
                 try:
-                    step = _step(m, cfg, args.streaming_window_size)
-                    r = step(q, cache)
-                    _sync(device)
+                    try:
+                        r = step(q, cache)
+                        _sync(device)
+                    except Exception as e:  # noqa: BLE001 - a kernel that fails to build: time the PyTorch path
+                        if device.type != "cuda" or m not in _WITH_KERNEL or isinstance(e, torch.OutOfMemoryError):
+                            raise
+                        row["note"] = f"kernel failed ({type(e).__name__}: {str(e).splitlines()[0][:80]}): PyTorch path"
+                        log(f"B={B} L={L} {m}: {row['note']}")
+                        step = _on_reference(step)
+                        r = step(q, cache)
+                        _sync(device)
                     read = r.bytes_read
                     if not bool(r.output.isfinite().all()):
                         raise RuntimeError("the output holds NaN or inf")
@@ -138,6 +228,8 @@ def measure(args, cfg: Config, device: torch.device, dtype, copy_bps: float, log
                     log(f"B={B} L={L} {m}: {row['note']}")
                     _free(device)
                     continue
+                if device.type == "cuda":
+                    _cuda_extras(row, m, step, q, cache, args, log)
                 row.update(
                     median_s=timing.median, q1_s=timing.q1, q3_s=timing.q3, iqr_s=timing.iqr, runs=timing.runs,
                     bytes_step=read.total, bytes_keys=read.keys, bytes_values=read.values,
@@ -146,6 +238,8 @@ def measure(args, cfg: Config, device: torch.device, dtype, copy_bps: float, log
                 )
                 if args.peak_gbs:
                     row["roofline_peak_s"] = read.total / (args.peak_gbs * 1e9)
+                if "graph_median_s" in row:
+                    row["graph_achieved_gbs"] = read.total / row["graph_median_s"] / 1e9
                 rows.append(row)
                 log(f"B={B} L={L} {m}: {timing.median * 1e3:.3f} ms (IQR {timing.iqr * 1e3:.3f}), "
                     f"{read.total / 2**20:.1f} MiB, {row['achieved_gbs']:.1f} GB/s")
@@ -153,6 +247,59 @@ def measure(args, cfg: Config, device: torch.device, dtype, copy_bps: float, log
             _free(device)
     _relative(rows)
     return rows
+
+
+def _on_reference(step):
+    """``step`` with every Triton kernel off (``kernels.dispatch.reference_only``)."""
+    def run(q, cache):
+        with reference_only():
+            return step(q, cache)
+    return run
+
+
+def _cuda_extras(row: dict, method: str, step, q, cache, args, log=print) -> None:
+    """The sync check, the graph's time and, with --compare-reference, the PyTorch path's output and graph time.
+
+    A failure here is written into the row (``graph_note``) and leaves its eager time standing.
+    """
+    notes = []
+    if args.profile:
+        try:
+            row["kernels_per_step"], row["gpu_busy_s"], row["top_kernels"] = kernel_profile(step, q, cache)
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"profile failed: {type(e).__name__}")
+    try:
+        sync = host_sync(step, q, cache) if (args.sync_check or args.cuda_graphs) else "not checked"
+        row["host_sync"] = sync
+        if args.cuda_graphs:
+            if sync is None:
+                timing, same = _graph_time(step, q, cache, args.min_run_time)
+                row.update(graph_median_s=timing.median, graph_iqr_s=timing.iqr, graph_runs=timing.runs,
+                           graph_equals_eager=same)
+            else:
+                notes.append("not captured: the step syncs the host")
+    except Exception as e:  # noqa: BLE001 - recorded, and the run goes on
+        notes.append(f"graph failed: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+        torch.cuda.synchronize()
+    if args.compare_reference and method in _WITH_KERNEL and "kernel failed" not in row.get("note", ""):
+        try:
+            ref_step = _on_reference(step)
+            fast = step(q, cache).output.float()
+            ref = ref_step(q, cache).output.float()
+            row["max_abs_diff_vs_reference"] = float((ref - fast).abs().max())
+            row["max_abs_reference"] = float(ref.abs().max())
+            del fast, ref
+            if args.cuda_graphs and host_sync(ref_step, q, cache) is None:
+                row["reference_graph_median_s"] = _graph_time(ref_step, q, cache, args.min_run_time)[0].median
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"PyTorch path failed: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+    if notes:
+        row["graph_note"] = "; ".join(notes)
+        log(f"B={row['batch']} L={row['length']} {method}: {row['graph_note']}")
+    if "graph_median_s" in row:
+        log(f"B={row['batch']} L={row['length']} {method}: graph {row['graph_median_s'] * 1e3:.3f} ms"
+            + (f", PyTorch-path graph {row['reference_graph_median_s'] * 1e3:.3f} ms"
+               if "reference_graph_median_s" in row else ""))
 
 
 def _relative(rows: list[dict]) -> None:
@@ -167,22 +314,52 @@ def _relative(rows: list[dict]) -> None:
                 r["bytes_vs_dense"] = r["bytes_step"] / dense["bytes_step"]
             if "median_s" in r and sdpa and "median_s" in sdpa:
                 r["speedup_vs_sdpa"] = sdpa["median_s"] / r["median_s"]
+            if "graph_median_s" in r and sdpa and "graph_median_s" in sdpa:
+                r["graph_speedup_vs_sdpa"] = sdpa["graph_median_s"] / r["graph_median_s"]
 
 
 def format_table(rows: list[dict]) -> str:
-    """A markdown table: one line per (batch, length, method)."""
+    """A markdown table: one line per (batch, length, method); graph columns where the run captured graphs."""
+    graphs = any("graph_median_s" in r or "graph_note" in r for r in rows)
+    ref = any("reference_graph_median_s" in r or "max_abs_diff_vs_reference" in r for r in rows)
     head = ("| batch | length | method | median ms | IQR ms | MiB read / step | MiB / token | of dense's bytes "
-            "| GB/s achieved | floor ms | speedup vs SDPA | note |")
+            "| GB/s achieved | floor ms | speedup vs SDPA |")
+    if graphs:
+        head += " graph ms | graph GB/s | graph speedup vs SDPA graph | host syncs |"
+    if ref:
+        head += " PyTorch-path graph ms | max diff vs PyTorch path |"
+    prof = any("kernels_per_step" in r for r in rows)
+    if prof:
+        head += " kernels / step | GPU busy ms |"
+    head += " note |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    blank = lambda n: " |" * n  # noqa: E731
     for r in rows:
         if "median_s" not in r:
-            lines.append(f"| {r['batch']} | {r['length']} | {r['method']} |  |  |  |  |  |  |  |  | {r['note']} |")
+            lines.append(f"| {r['batch']} | {r['length']} | {r['method']} |" + blank(8 + 4 * graphs + 2 * ref + 2 * prof)
+                         + f" {r['note']} |")
             continue
-        lines.append(
+        line = (
             f"| {r['batch']} | {r['length']} | {r['method']} | {r['median_s'] * 1e3:.3f} | {r['iqr_s'] * 1e3:.3f} "
             f"| {r['bytes_step'] / 2**20:.1f} | {r['bytes_per_token'] / 2**20:.2f} | {r.get('bytes_vs_dense', 1):.3f} "
-            f"| {r['achieved_gbs']:.1f} | {r['roofline_s'] * 1e3:.3f} | {r.get('speedup_vs_sdpa', float('nan')):.2f} "
-            f"| {r.get('note', '')} |")
+            f"| {r['achieved_gbs']:.1f} | {r['roofline_s'] * 1e3:.3f} | {r.get('speedup_vs_sdpa', float('nan')):.2f} |")
+        if graphs:
+            if "graph_median_s" in r:
+                line += (f" {r['graph_median_s'] * 1e3:.3f} | {r['graph_achieved_gbs']:.1f} "
+                         f"| {r.get('graph_speedup_vs_sdpa', float('nan')):.2f} |")
+            else:
+                line += blank(3)
+            sync = r.get("host_sync", "not checked")
+            line += " none |" if sync is None else f" {sync[:60]} |"
+        if ref:
+            line += (f" {r['reference_graph_median_s'] * 1e3:.3f} |" if "reference_graph_median_s" in r else " |")
+            line += (f" {r['max_abs_diff_vs_reference']:.2e} |" if "max_abs_diff_vs_reference" in r else " |")
+        if prof:
+            line += (f" {r['kernels_per_step']} | {r['gpu_busy_s'] * 1e3:.3f} |" if "kernels_per_step" in r else " | |")
+        notes = [n for n in (r.get("note"), r.get("graph_note")) if n]
+        if r.get("graph_equals_eager") is False:
+            notes.append("graph output differs from eager")
+        lines.append(line + f" {'; '.join(notes)} |")
     return "\n".join(lines)
 
 
@@ -216,6 +393,15 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--" + name.replace("_", "-"), type=int, default=default, dest=name)
     g.add_argument("--streaming-window-size", type=int, default=2044,
                    help="StreamingLLM's sliding_window_size (--sliding-window-size is NSA's)")
+    on_cuda = "default: on with --device cuda"
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"also time each step captured in a CUDA graph ({on_cuda})")
+    p.add_argument("--sync-check", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"run one step under torch.cuda.set_sync_debug_mode('error') ({on_cuda})")
+    p.add_argument("--compare-reference", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"also run the sparse steps with the Triton kernels off ({on_cuda})")
+    p.add_argument("--profile", action="store_true",
+                   help="count each step's kernels and their GPU time with torch.profiler (--device cuda)")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per case")
     p.add_argument("--copy-bytes", type=int, default=None,
                    help="bytes copied to measure bandwidth (default 1 GiB on cuda, 256 MiB on cpu)")
@@ -238,6 +424,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile and args.device != "cuda":
+        print("--profile needs --device cuda", file=sys.stderr)
+        return 2
+    for name in ("cuda_graphs", "sync_check", "compare_reference"):
+        if getattr(args, name) is None:
+            setattr(args, name, args.device == "cuda")
+        elif getattr(args, name) and args.device != "cuda":
+            print(f"--{name.replace('_', '-')} needs --device cuda", file=sys.stderr)
+            return 2
     device = torch.device(args.device)
     dtype = _DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     cfg = Config(**{name: getattr(args, name) for name in _SETTINGS})

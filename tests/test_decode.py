@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 from sparse_attn.decode import (DECODERS, EQUAL_GATES, KVCache, bytes_per_step, decode, dense_decode, nsa_decode,
                                 quest_decode, sdpa_decode, streaming_llm_decode, topk_decode)
+from sparse_attn.decode.gather import shared_gather_attention
 from sparse_attn.decode.nsa import selection_importance
 from sparse_attn.methods import Config, SettingError
 from sparse_attn.ops.dense import dense_attention
@@ -565,3 +566,216 @@ def test_a_device_named_without_its_index_takes_tensors_on_it():
     cache.append(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
     out = dense_decode(torch.randn(1, 4, 1, 4), cache)
     assert out.output.shape == (1, 4, 1, 4)
+
+
+# ---- the GPU path: sync-free ranking, no data-dependent ops, the decode kernels (interpreted on the CPU) ----------
+
+def test_ranked_topk_is_the_stable_rule_slot_for_slot():
+    """One topk over distinct int64 keys gives stable_topk's values and indices: ties, -0.0, +-inf, half dtypes."""
+    from sparse_attn.decode.ranking import ranked_topk
+    from sparse_attn.topk import stable_topk
+
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, F64):
+        for n, k in ((1024, 16), (300, 128), (7, 7), (50, 1), (1, 1)):
+            x = (torch.randint(-3, 4, (24, n), generator=g).float() / 2).to(dtype)  # few values: ties everywhere
+            x[0, :5] = -0.0
+            x[1, ::2] = float("-inf")
+            x[2, min(3, n - 1)] = float("inf")
+            x[3] = 0.0
+            got, want = ranked_topk(x, k), stable_topk(x, k)
+            assert torch.equal(got.indices, want.indices), (dtype, n, k)
+            assert torch.equal(got.values, want.values), (dtype, n, k)
+    # Values one float32 ulp apart stay apart (the keys carry every bit of the value).
+    x = 0.5 + torch.arange(6) * torch.finfo(torch.float32).eps * 0.5
+    assert ranked_topk(x.flip(0)[None], 3).indices.tolist() == [[0, 1, 2]]
+
+
+class OpsSeen(TorchDispatchMode):
+    """Every aten op a call runs, with whether it indexed by a boolean mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "index" and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in tree_leaves(args)):
+            name = "index by a boolean mask"
+        self.ops.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+# Ops whose output shape depends on the data, or that read a value back to the host: each makes the host wait
+# for the GPU, and none can be captured in a CUDA graph.
+HOST_SYNCS = {"nonzero", "_local_scalar_dense", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+              "index by a boolean mask", "repeat_interleave", "item", "equal", "is_nonzero"}
+
+
+@pytest.mark.parametrize("method", ["nsa", "quest", "quest_grouped", "streaming_llm", "dense"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_sparse_steps_have_no_host_sync_and_no_data_dependent_shape(method, T):
+    """What torch.cuda.set_sync_debug_mode('error') checks on the GPU (benchmarks/decode.py), op by op on the CPU."""
+    cfg = replace(CFG, top_k=8)
+    q, k, v = qkv(B=2, H=8, Hkv=2, L=61, D=16, Dv=16, dtype=torch.float32)
+    cache = KVCache.for_config(cfg, 2, 2, 64, 16, value_dim=16).append(k, v)
+    with OpsSeen() as seen:
+        if method == "quest_grouped":
+            quest_decode(q[:, :, -T:], cache, cfg.token_budget, query_heads_share_pages=True)
+        else:
+            decode(method, q[:, :, -T:], cache, cfg)
+    assert not seen.ops & HOST_SYNCS, (method, seen.ops & HOST_SYNCS)
+    assert {"topk", "bmm"} <= seen.ops or method in ("streaming_llm", "dense")  # the check sees the step's ops
+
+
+def test_the_check_for_host_syncs_catches_one():
+    """The op check above fails on a step that syncs: top-k decoding's tie repair uses nonzero."""
+    q, k, v = qkv(L=300, D=8, Dv=8, dtype=torch.float32)
+    k[..., :] = 1.0  # every score ties: the repair runs
+    cache = KVCache.from_tensors(k, v)
+    with OpsSeen() as seen:
+        topk_decode(q[:, :, -1:], cache, 100)
+    assert "nonzero" in seen.ops
+
+
+def test_compressed_rows_are_stored_padded_and_the_padding_never_counts():
+    """Storage rows are a multiple of COMPRESSED_ROW_ALIGN; garbage in the padding changes no output."""
+    from sparse_attn.decode.cache import COMPRESSED_ROW_ALIGN
+
+    q, k, v = qkv(L=37)
+    cache = KVCache.for_config(CFG, 2, 2, 37, 8, value_dim=6, dtype=F64).append(k, v)
+    assert cache._ck.shape[2] % COMPRESSED_ROW_ALIGN == 0 and cache._ck.shape[2] >= cache.num_compressed
+    assert cache.compressed_keys.shape[2] == cache.num_compressed == 17
+    want = decode("nsa", q[:, :, -3:], cache, CFG)
+    cache._ck[:, :, cache.num_compressed:] = 1e6  # a large key there would take every weight if it were read
+    cache._cv[:, :, cache.num_compressed:] = 1e6
+    got = decode("nsa", q[:, :, -3:], cache, CFG)
+    torch.testing.assert_close(got.output, want.output, **TOL)
+    assert torch.equal(got.selection.indices, want.selection.indices)
+    assert got.extras["compressed_weights"].shape == (2, 4, 3, 17)
+
+
+def test_the_decode_benchmark_table_shows_graphs_syncs_and_the_pytorch_path():
+    from benchmarks.decode import format_table, main
+
+    base = dict(batch=2, length=8, iqr_s=1e-5, bytes_step=2**20, bytes_per_token=2**19, achieved_gbs=1.0,
+                roofline_s=1e-4)
+    rows = [dict(base, method="sdpa", median_s=1e-3, speedup_vs_sdpa=1.0, graph_median_s=8e-4, graph_achieved_gbs=1.3,
+                 graph_speedup_vs_sdpa=1.0, host_sync=None, kernels_per_step=2, gpu_busy_s=7e-4),
+            dict(base, method="topk", median_s=2e-3, host_sync="called a synchronizing CUDA operation",
+                 graph_note="not captured: the step syncs the host"),
+            dict(base, method="nsa", median_s=1e-3, graph_median_s=2e-4, graph_achieved_gbs=5.0,
+                 graph_speedup_vs_sdpa=4.0, host_sync=None, reference_graph_median_s=6e-4,
+                 max_abs_diff_vs_reference=1e-3, graph_equals_eager=False),
+            dict(method="quest", batch=2, length=8, note="out of memory")]
+    lines = format_table(rows).splitlines()
+    assert len({line.count("|") for line in lines}) == 1  # every row has every column
+    assert "| graph ms |" in lines[0] and "| host syncs |" in lines[0] and "| kernels / step |" in lines[0]
+    assert "| 2 | 8 | sdpa | 1.000 |" in lines[2] and "| 0.800 | 1.3 | 1.00 | none |" in lines[2]
+    assert "called a synchronizing CUDA operation" in lines[3] and "not captured" in lines[3]
+    assert "| 0.600 | 1.00e-03 |" in lines[4] and "graph output differs from eager" in lines[4]
+    assert lines[5].endswith("| out of memory |")
+    cpu_row = {k: v for k, v in rows[0].items() if k in base or k in ("method", "median_s", "speedup_vs_sdpa")}
+    plain = format_table([cpu_row])
+    assert "graph" not in plain and "host syncs" not in plain  # a CPU run's table keeps its old columns
+    for flag in ("--cuda-graphs", "--profile", "--compare-reference", "--sync-check"):
+        assert main(["--device", "cpu", flag, "--lengths", "16"]) == 2  # CUDA-only options refuse the CPU
+
+
+from tests.triton_interpreter import INTERPRETED, run_kernel_tests  # noqa: E402
+
+if not INTERPRETED:
+
+    def test_decode_kernels_under_triton_interpreter():
+        pytest.importorskip("triton")
+        run_kernel_tests(__file__, min_passed=13, selector="decode_kernel_")
+
+
+if INTERPRETED:
+
+    def rows_reference(q, k, v, tokens, scale):
+        from sparse_attn.ops.indexed import indexed_attention
+
+        if tokens.shape[1] == k.shape[1]:
+            return shared_gather_attention(q.double(), k.double(), v.double(), tokens, scale)
+        return indexed_attention(q.double(), k.double(), v.double(), tokens, scale)
+
+    def random_rows(shape, N, K, g, empty=0.25):
+        rows = torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(math.prod(shape))]).view(*shape, K)
+        return rows.masked_fill(torch.rand(rows.shape, generator=g) < empty, -1)
+
+    @pytest.mark.parametrize("shared", [True, False])
+    @pytest.mark.parametrize("splits", [None, 1, 3, 50])
+    def test_decode_kernel_rows_equal_the_float64_gather(shared, splits):
+        from sparse_attn.decode.rows_kernel import rows_attention_triton
+
+        g = torch.Generator().manual_seed(5)
+        B, H, Hkv, T, N, D, Dv, K = 2, 6, 2, 2, 300, 24, 20, 150  # head dims not powers of two: masked lanes
+        q, k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, Hkv, N, D, generator=g), torch.randn(
+            B, Hkv, N, Dv, generator=g)
+        tokens = random_rows((B, Hkv if shared else H, T), N, K, g)
+        tokens[0, 0, 0] = -1  # a query (shared: a group) with no row gets zeros
+        out = rows_attention_triton(q, k, v, tokens, 0.3, splits=splits)
+        ref = rows_reference(q, k, v, tokens, 0.3)
+        assert out.dtype == q.dtype and out.shape == (B, H, T, Dv)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        assert out[0, : (3 if shared else 1), 0].abs().max() == 0
+
+    def test_decode_kernel_rows_read_a_strided_cache_and_broadcast_rows():
+        """Rows taken from a cache's storage (a view longer than the filled part) and one row list for every pair."""
+        from sparse_attn.decode.rows_kernel import rows_attention_triton
+
+        g = torch.Generator().manual_seed(6)
+        store_k, store_v = torch.randn(2, 2, 64, 16, generator=g), torch.randn(2, 2, 64, 16, generator=g)
+        q = torch.randn(2, 4, 1, 16, generator=g)
+        rows = torch.arange(10, 40).view(1, 1, 1, -1).expand(2, 2, 1, -1)  # strides 0: no copy of the list
+        out = rows_attention_triton(q, store_k, store_v, rows, 0.25)
+        ref = dense_attention(q.double(), store_k[:, :, 10:40].double(), store_v[:, :, 10:40].double(), scale=0.25)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+    @pytest.mark.parametrize("group_sum", [False, True])
+    def test_decode_kernel_page_bounds_equal_the_float64_products(group_sum):
+        from einops import reduce
+
+        from sparse_attn.decode.bounds_kernel import page_bounds_triton
+        from sparse_attn.decode.quest import _upper_bounds
+
+        g = torch.Generator().manual_seed(7)
+        for B, H, Hkv, T, L, D, P in ((2, 8, 2, 1, 300, 32, 4), (1, 6, 3, 2, 100, 20, 8)):
+            k, v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+            cache = KVCache.from_tensors(k, v, page_size=P)
+            qs = torch.randn(B, H, T, D, generator=g)
+            ref = _upper_bounds(qs.double(), KVCache.from_tensors(k.double(), v.double(), page_size=P))
+            if group_sum:
+                ref = reduce(ref, "b (hk g) t n -> b hk t n", "sum", hk=Hkv)
+            got = page_bounds_triton(qs, cache.page_max, cache.page_min, group_sum=group_sum)
+            assert got.shape == ref.shape and got.dtype == qs.dtype
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+
+    @pytest.mark.parametrize("T", [1, 3])
+    def test_decode_kernel_steps_equal_the_pytorch_steps(monkeypatch, T):
+        """Whole decode steps with every decode kernel taken (as on CUDA) against the same steps without."""
+        from sparse_attn.decode import gather, nsa, quest
+
+        q, k, v = qkv(B=2, H=8, Hkv=2, L=45, D=16, Dv=16, dtype=torch.float32)
+        cache = KVCache.for_config(CFG, 2, 2, 45, 16, value_dim=16).append(k, v)
+
+        def steps():
+            out = {m: decode(m, q[:, :, -T:], cache, CFG).output for m in ("nsa", "quest", "streaming_llm")}
+            out["quest_grouped"] = quest_decode(q[:, :, -T:], cache, CFG.token_budget,
+                                                query_heads_share_pages=True).output
+            return out
+
+        want = steps()
+        calls = []
+
+        def take(*args):
+            calls.append(1)
+            return True
+
+        for module, name in ((gather, "use_rows_kernel"), (nsa, "use_rows_kernel"), (quest, "_use_bounds_kernel")):
+            monkeypatch.setattr(module, name, take)
+        got = steps()
+        assert len(calls) >= 6  # the kernels did run
+        for m in want:
+            torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5)

@@ -27,7 +27,9 @@ from .._checks import FLOAT_DTYPES, check_int
 from ..ops.nsa.compression import compress_kv, num_compressed_blocks
 from ..ops.quest import page_min_max
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "COMPRESSED_ROW_ALIGN"]
+
+COMPRESSED_ROW_ALIGN = 16  # compressed rows stored per multiple of this: 32 bytes of bf16 scores per row step
 
 
 class KVCache:
@@ -79,9 +81,13 @@ class KVCache:
             stride = compress_block_size if compress_block_sliding_stride is None else compress_block_sliding_stride
             check_int(stride, "compress_block_sliding_stride", minimum=1, maximum=compress_block_size)
             self.compress_block_sliding_stride = stride
+            # Rows padded to a multiple of COMPRESSED_ROW_ALIGN, zeros until written: NSA's products over the
+            # compressed rows then run on aligned widths (at 64k, 4095 blocks made cuBLAS take a kernel several
+            # times slower than its bandwidth; decode.nsa masks the padding).
             n = num_compressed_blocks(cap, compress_block_size, stride)
-            self._ck = torch.zeros(B, Hkv, n, D, dtype=dtype, device=self.device)
-            self._cv = torch.zeros(B, Hkv, n, Dv, dtype=dtype, device=self.device)
+            n_pad = -(-n // COMPRESSED_ROW_ALIGN) * COMPRESSED_ROW_ALIGN
+            self._ck = torch.zeros(B, Hkv, n_pad, D, dtype=dtype, device=self.device)
+            self._cv = torch.zeros(B, Hkv, n_pad, Dv, dtype=dtype, device=self.device)
         elif compress_block_sliding_stride is not None:
             raise ValueError("compress_block_sliding_stride needs compress_block_size (the cache keeps no "
                              "compressed blocks without it)")

@@ -5,6 +5,10 @@ every query head of a group. Broadcasting one gathered block over the
 group's heads in a batched product makes PyTorch copy it once per head
 (an expand it cannot view); putting the heads in the product's rows instead
 reads each gathered row once.
+
+On CUDA (``kernels.dispatch.use_triton``) the split-K kernel of
+``rows_kernel`` does the same without the gather: each picked row is read
+once from the cache, in one pass, with no tensor of picked rows in between.
 """
 from __future__ import annotations
 
@@ -14,7 +18,16 @@ from einops import rearrange
 from ..ops.dense import safe_softmax
 from ..selection import gather_kv
 
-__all__ = ["shared_gather_attention"]
+__all__ = ["shared_gather_attention", "use_rows_kernel"]
+
+
+def use_rows_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor) -> bool:
+    """Whether ``rows_kernel`` takes this step's picked rows (CUDA, Triton, a kernel dtype; see ``kernels.dispatch``)."""
+    if not q.is_cuda:  # checked first: the kernel module imports Triton, which is slow and only pays on a GPU
+        return False
+    from . import rows_kernel
+
+    return rows_kernel.supports(q, k, v, tokens)
 
 
 def shared_gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
@@ -25,6 +38,10 @@ def shared_gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     once per query. Returns (B, H, T, Dv); a query with no row gets zeros.
     Half inputs: scores and weights in float32.
     """
+    if use_rows_kernel(q, k, v, tokens):
+        from .rows_kernel import rows_attention_triton
+
+        return rows_attention_triton(q, k, v, tokens, scale)
     Hkv = k.shape[1]
     valid = tokens >= 0
     safe = tokens.clamp(min=0)

@@ -14,9 +14,10 @@ from einops import rearrange, reduce
 
 from .._checks import check_int, resolve_scale
 from ..ops.indexed import indexed_attention
-from ..topk import stable_topk
 from .cache import KVCache
+from . import gather
 from .gather import shared_gather_attention
+from .ranking import ranked_topk
 from .result import BytesRead, DecodeResult, DecodeSelection, check_query, query_positions, rows_read
 
 __all__ = ["quest_decode"]
@@ -60,24 +61,32 @@ def quest_decode(q: torch.Tensor, cache: KVCache, token_budget: int, *, page_siz
     pos = query_positions(T, cache)
     acc = torch.promote_types(q.dtype, torch.float32)
     qs = (q.to(acc) * scale).to(q.dtype)
-    bounds = _upper_bounds(qs, cache)  # (B, H, T, N)
-    N = bounds.shape[-1]
-    partial = _bound_partial_pages(bounds, qs, cache, T)
-    if query_heads_share_pages:
-        # A sum of upper bounds bounds the sum of the group's scores: the pages the group needs most.
-        bounds = reduce(bounds, "b (hk g) t n -> b hk t n", "sum", hk=Hkv)
-    eligible = torch.arange(N, device=q.device) * P <= pos.view(-1, 1)  # (T, N)
+    kernel = _use_bounds_kernel(qs, cache)
+    N = cache.num_pages
+    if kernel and query_heads_share_pages and T == 1:  # one launch: both products and the group's sum
+        bounds, partial = _bounds_triton(qs, cache, group_sum=True), []
+    else:
+        bounds = _bounds_triton(qs, cache) if kernel else _upper_bounds(qs, cache)  # (B, H, T, N)
+        partial = _bound_partial_pages(bounds, qs, cache, T)
+        if query_heads_share_pages:
+            # A sum of upper bounds bounds the sum of the group's scores: the pages the group needs most.
+            bounds = reduce(bounds, "b (hk g) t n -> b hk t n", "sum", hk=Hkv)
     S = min(math.ceil(token_budget / P), N)
-    pages = stable_topk(bounds.masked_fill(~eligible, float("-inf")), S).indices  # lower page wins ties
-    picked = eligible.expand_as(bounds).gather(-1, pages)
-    pages = pages.masked_fill(~picked, -1)
-    tokens = rearrange(pages.unsqueeze(-1) * P + torch.arange(P, device=q.device), "b h t s p -> b h t (s p)")
-    allowed = (pages >= 0).repeat_interleave(P, dim=-1) & (tokens < L) & (tokens <= pos.view(-1, 1))
-    tokens = tokens.masked_fill(~allowed, -1)
+    if T == 1:
+        # Every page starts at or before the newest query: all N are candidates, and the S <= N picks all real.
+        pages = ranked_topk(bounds, S).indices
+    else:
+        eligible = torch.arange(N, device=q.device) * P <= pos.view(-1, 1)  # (T, N)
+        pages = ranked_topk(bounds.masked_fill(~eligible, float("-inf")), S).indices  # lower page wins ties
+        picked = eligible.expand_as(bounds).gather(-1, pages)
+        pages = pages.masked_fill(~picked, -1)
+    tokens = pages.unsqueeze(-1) * P + torch.arange(P, device=q.device)  # (B, Hs, T, S, P)
+    allowed = (pages >= 0).unsqueeze(-1) & (tokens < L) & (tokens <= pos.view(-1, 1, 1))
+    tokens = tokens.masked_fill(~allowed, -1).flatten(-2)
     if query_heads_share_pages:
         out = shared_gather_attention(q, cache.k, cache.v, tokens, scale)
     else:
-        out = indexed_attention(q, cache.k, cache.v, tokens, scale)
+        out = _per_head_attention(q, cache, tokens, scale)
     sel = DecodeSelection("pages", pages, P, pos, L)
 
     def count() -> BytesRead:
@@ -92,6 +101,29 @@ def quest_decode(q: torch.Tensor, cache: KVCache, token_budget: int, *, page_siz
         return BytesRead(k_rows * D * cache.itemsize, v_rows * cache.value_dim * cache.itemsize, summaries)
 
     return DecodeResult(out, sel, count)
+
+
+def _per_head_attention(q, cache: KVCache, tokens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each query head over its own rows (B, H, T, K): the rows kernel on CUDA, ``indexed_attention`` elsewhere."""
+    if gather.use_rows_kernel(q, cache.k, cache.v, tokens):
+        from .rows_kernel import rows_attention_triton
+
+        return rows_attention_triton(q, cache.k, cache.v, tokens, scale)
+    return indexed_attention(q, cache.k, cache.v, tokens, scale)
+
+
+def _use_bounds_kernel(qs: torch.Tensor, cache: KVCache) -> bool:
+    if not qs.is_cuda:  # checked first: the kernel module imports Triton
+        return False
+    from . import bounds_kernel
+
+    return bounds_kernel.supports(qs, cache.page_max, cache.page_min)
+
+
+def _bounds_triton(qs: torch.Tensor, cache: KVCache, *, group_sum: bool = False) -> torch.Tensor:
+    from .bounds_kernel import page_bounds_triton
+
+    return page_bounds_triton(qs, cache.page_max, cache.page_min, group_sum=group_sum)
 
 
 def _upper_bounds(qs: torch.Tensor, cache: KVCache) -> torch.Tensor:
