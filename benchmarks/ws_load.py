@@ -4,6 +4,7 @@
     python -m benchmarks.ws_load --sessions 1 --seconds 30 --period 0 --settings defaults   # one student, flat out
     python -m benchmarks.ws_load --sessions 20 --set L=4096 --url http://127.0.0.1:8501
     python -m benchmarks.ws_load --sessions 5 --view budget
+    python -m benchmarks.ws_load --sessions 50 --workers 2 --source-addresses 50   # two processes behind nginx
 
 Each student opens ``/_stcore/stream`` (subprotocol ``streamlit``, as the
 browser does) and asks for its first run with its own query string (length,
@@ -26,6 +27,14 @@ RSS at baseline, at its peak (sampled every 0.2 s) and after every session
 closed. The load average is recorded beside the numbers: the machine may be
 shared.
 
+Behind a load balancer (``--workers N`` starts N app processes behind nginx,
+``benchmarks.cluster``; or ``--url`` of one with a ``--pid`` for each worker),
+students connect from distinct loopback addresses (``--source-addresses``:
+127.0.0.1 to 127.0.0.N, round robin), since nginx keeps a student on one
+worker by its address, and each reads the worker that took its websocket from
+the ``X-Upstream`` header of the handshake. The report then adds, per worker:
+its students, interactions and rate, CPU seconds and RSS.
+
 Simplifications, against a browser: a rerun carries only the k slider's
 widget state (the server keeps every other widget's last value, so the
 result is the same; the cross-talk check would notice otherwise), no
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import math
 import os
@@ -193,6 +203,8 @@ class Student:
     last_page: Page | None = None
     deflate: bool = False
     failure: str | None = None
+    source: str | None = None  # the loopback address it connects from (None: the system's choice)
+    upstream: str | None = None  # the worker behind a proxy that took its websocket (its X-Upstream header)
 
 
 def _counting_connection():
@@ -311,7 +323,9 @@ async def _student(url: str, st: Student, *, seconds: float, period: float, arri
     try:
         # No client pings (a browser sends none; a busy server answers late) and no proxy: loopback only.
         async with connect(ws_url, subprotocols=["streamlit"], max_size=None, proxy=None, ping_interval=None,
-                           open_timeout=timeout_s, create_connection=_counting_connection()) as ws:
+                           open_timeout=timeout_s, create_connection=_counting_connection(),
+                           local_addr=(st.source, 0) if st.source else None) as ws:
+            st.upstream = ws.response.headers.get("X-Upstream")
             st.deflate = any(ext.name == "permessage-deflate" for ext in ws.protocol.extensions)
             session = _Session(ws, page_url, estimate_deflate and not st.deflate)
             start = time.perf_counter()
@@ -368,8 +382,24 @@ def drive(url: str, students: list[Student], *, seconds: float, period: float, a
           seed: int = 0, timeout_s: float = 300.0, estimate_deflate: bool = False) -> list[Student]:
     """Run these students against ``url`` at once (everyone arrives together, as a class does)."""
     check_url(url)
-    return asyncio.run(_classroom(url, students, seconds=seconds, period=period, arrivals=arrivals, seed=seed,
-                                  timeout_s=timeout_s, estimate_deflate=estimate_deflate))
+    return run_async(_classroom(url, students, seconds=seconds, period=period, arrivals=arrivals, seed=seed,
+                                timeout_s=timeout_s, estimate_deflate=estimate_deflate))
+
+
+def run_async(coro):
+    """``asyncio.run(coro)``, in a thread of its own when this thread already runs a loop.
+
+    Playwright's sync API keeps a loop running in the main thread for the whole test session, so after the first
+    browser test a plain ``asyncio.run`` here would refuse to start.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def check_url(url: str) -> str:
@@ -503,6 +533,82 @@ class ServerProbe:
         self._thread.join()
 
 
+class Probes:
+    """Several processes at once (the workers behind a proxy): per-process CPU and RSS, and the peak of their sum."""
+
+    def __init__(self, pids, every: float = 0.2):
+        self.probes = [ServerProbe(p, every) for p in pids]
+        self.every, self.peak, self.peaks = every, 0, [0] * len(self.probes)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> list[int]:
+        return [p.rss() for p in self.probes]
+
+    def cpu_s(self) -> list[float]:
+        return [p.cpu_s() for p in self.probes]
+
+    def _sample(self) -> None:
+        each = self.rss()
+        self.peaks = [max(a, b) for a, b in zip(self.peaks, each)]
+        self.peak = max(self.peak, sum(each))
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self._sample()
+            except (OSError, RuntimeError):
+                return  # a worker has gone; the students' failures will say so
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def listening_ports(pid: int) -> list[int]:
+    """The TCP ports process ``pid`` listens on (through /proc; empty when it is not visible)."""
+    try:
+        mine = {os.readlink(fd).removeprefix("socket:[").removesuffix("]") for fd in Path(f"/proc/{pid}/fd").iterdir()}
+    except OSError:
+        return []
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in mine:
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
+def source_addresses(spec) -> list[str | None]:
+    """Client addresses on loopback (Linux routes all of 127/8 to lo): a count n gives 127.0.0.1 .. 127.0.0.n.
+
+    A list of 127.x.y.z addresses is taken as it is; None gives the system's choice.
+    """
+    if spec is None:
+        return [None]
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if not 1 <= spec <= 254:
+            raise ValueError(f"sources must be a count in 1..254, got {spec}")
+        return [f"127.0.0.{i}" for i in range(1, spec + 1)]
+    addresses = [str(a) for a in spec]
+    bad = [a for a in addresses if a.split(".")[0] != "127" or len(a.split(".")) != 4
+           or not all(x.isdigit() and int(x) < 256 for x in a.split("."))]
+    if not addresses or bad:
+        raise ValueError(f"sources must be a count or loopback IPv4 addresses (127.x.y.z), got {spec!r}")
+    return addresses
+
+
 def listener_pid(port: int) -> int | None:
     """The process that listens on loopback ``port`` (found through /proc), or None when it is not visible."""
     inodes = set()
@@ -533,11 +639,65 @@ def loadavg() -> str:
 
 # --- the run ----------------------------------------------------------------------------------------------
 
-def measure(url: str, *, sessions: int, seconds: float, period: float, pid: int | None, log_path: Path | None,
-            mode: str = "classroom", overrides: dict[str, str] | None = None, view: str | None = None,
-            arrivals: str = "poisson", seed: int = 0, settle_s: float = 5.0, timeout_s: float = 300.0,
-            check: int | None = None, estimate_deflate: bool = False) -> dict:
-    """Warm the server with one student, run ``sessions`` at once, and report (see the module's docstring)."""
+def _as_list(x) -> list:
+    return [] if x is None else [x] if isinstance(x, (int, str, os.PathLike)) else list(x)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                out.append(int(proc.name))
+        except OSError:
+            continue
+    return out
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its children (nginx: the master and its worker processes)."""
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        try:
+            total += ServerProbe(p).cpu_s()
+        except OSError:
+            continue
+    return total
+
+
+def per_worker(students: list[Student], pids: list[int], ports: dict[int, int], span: float, cpu_s: list[float],
+               rss: dict[str, list[int]]) -> list[dict]:
+    """Each measured process's share of the run: the students whose websocket it took (by X-Upstream) and its cost.
+
+    ``ports`` maps a listening port to its pid; ``rss`` holds per-process baseline, peak and after lists.
+    """
+    by_pid = {pid: [] for pid in pids}
+    for s in students:
+        port = int(s.upstream.rsplit(",", 1)[-1].rsplit(":", 1)[1]) if s.upstream else None
+        by_pid.setdefault(ports.get(port), []).append(s)  # None: a student no measured process took
+    mib, out = 2**20, []
+    for i, pid in enumerate(pids):
+        mine = by_pid[pid]
+        n = sum(len(s.latencies) for s in mine)
+        out.append({"pid": pid, "ports": sorted(p for p, q in ports.items() if q == pid), "students": len(mine),
+                    "interactions": n, "interactions_per_s": n / span if span and span > 0 else 0.0,
+                    "cpu_s": cpu_s[i], "cpu_s_per_interaction": cpu_s[i] / n if n else math.nan,
+                    "rss_mib": {k: v[i] / mib for k, v in rss.items()}})
+    if by_pid.get(None):
+        out.append({"pid": None, "ports": [], "students": len(by_pid[None]),
+                    "upstreams": sorted({str(s.upstream) for s in by_pid[None]})})
+    return out
+
+
+def measure(url: str, *, sessions: int, seconds: float, period: float, pid, log_path, mode: str = "classroom",
+            overrides: dict[str, str] | None = None, view: str | None = None, arrivals: str = "poisson",
+            seed: int = 0, settle_s: float = 5.0, timeout_s: float = 300.0, check: int | None = None,
+            estimate_deflate: bool = False, sources: int | None = None, proxy_pid: int | None = None) -> dict:
+    """Warm the server with one student, run ``sessions`` at once, and report (see the module's docstring).
+
+    ``pid`` and ``log_path`` may each be several (the workers behind a proxy at ``url``); ``sources``
+    students' source addresses (``source_addresses``); ``proxy_pid`` the proxy, whose CPU is reported.
+    """
     view = view or "maps"
     if view not in PICTURES:
         raise ValueError(f"view must be one of {', '.join(PICTURES)}, got {view!r}")
@@ -545,16 +705,24 @@ def measure(url: str, *, sessions: int, seconds: float, period: float, pid: int 
         raise ValueError("sessions must be >= 1, seconds and period >= 0")
     overrides = overrides or {}
     open_view = None if view == "maps" else view
+    pids, logs = _as_list(pid), [Path(p) for p in _as_list(log_path)]
+    ports = {port: p for p in pids for port in listening_ports(p)}
     # One student first, on settings no one else uses: imports, caches and the first page build are not load.
-    warm = Student(-1, student_query(10_000, mode, overrides, open_view))
-    drive(url, [warm], seconds=0, period=period, timeout_s=timeout_s)
-    if warm.failure:
-        raise RuntimeError(f"the warm-up student failed: {warm.failure}")
+    # Behind a proxy each worker is warmed on its own port: the proxy would send one warm-up to one worker.
+    warm_urls = [f"http://127.0.0.1:{port}" for port in ports] if len(pids) > 1 else [url]
+    for j, warm_url in enumerate(warm_urls):
+        warm = Student(-1 - j, student_query(10_000, mode, overrides, open_view))
+        drive(warm_url, [warm], seconds=0, period=period, timeout_s=timeout_s)
+        if warm.failure:
+            raise RuntimeError(f"the warm-up student at {warm_url} failed: {warm.failure}")
     time.sleep(2)
-    probe = ServerProbe(pid) if pid else None
+    probe = Probes(pids) if pids else None
     load_before = loadavg()
-    students = [Student(i, student_query(i, mode, overrides, open_view)) for i in range(sessions)]
-    cpu0, mine0 = (probe.cpu_s() if probe else math.nan), resource.getrusage(resource.RUSAGE_SELF)
+    addresses = source_addresses(sources)
+    students = [Student(i, student_query(i, mode, overrides, open_view), source=addresses[i % len(addresses)])
+                for i in range(sessions)]
+    cpu0, mine0 = (probe.cpu_s() if probe else []), resource.getrusage(resource.RUSAGE_SELF)
+    proxy0 = _tree_cpu_s(proxy_pid) if proxy_pid else math.nan
     rss_base = probe.rss() if probe else None
     t0 = time.perf_counter()
     if probe:
@@ -563,7 +731,9 @@ def measure(url: str, *, sessions: int, seconds: float, period: float, pid: int 
         drive(url, students, seconds=seconds, period=period, arrivals=arrivals, seed=seed, timeout_s=timeout_s,
               estimate_deflate=estimate_deflate)
         wall = time.perf_counter() - t0
-        cpu_run = probe.cpu_s() - cpu0 if probe else math.nan
+        cpu_each = [b - a for a, b in zip(cpu0, probe.cpu_s())] if probe else []
+        cpu_run = sum(cpu_each) if probe else math.nan
+        proxy_cpu = _tree_cpu_s(proxy_pid) - proxy0 if proxy_pid else math.nan
         load_end = loadavg()
         time.sleep(settle_s)  # closed websockets end their sessions; give the server a moment to drop them
         rss_after = probe.rss() if probe else None
@@ -600,32 +770,59 @@ def measure(url: str, *, sessions: int, seconds: float, period: float, pid: int 
         "deflated_bytes_estimate": {"median": statistics.median(deflated), "p95": p95(deflated)} if deflated else None,
         "errors": [f"student {s.index}: {e}" for s in students for e in s.errors],
         "failures": [f"student {s.index}: {s.failure}" for s in students if s.failure],
-        "tracebacks": Path(log_path).read_text().count("Traceback") if log_path else None,
+        "tracebacks": sum(log.read_text().count("Traceback") for log in logs) if logs else None,
         "students_without_picture": [s.index for s in students
                                      if s.last_page is None or PICTURES[view] not in s.last_page.elements],
         "cross_talk": cross_talk, "checked": len(checked),
         "server_cpu_s": cpu_run, "server_cpu_s_per_interaction": cpu_run / len(lat) if lat else math.nan,
         "driver_cpu_s": (mine1.ru_utime + mine1.ru_stime) - (mine0.ru_utime + mine0.ru_stime),
-        "rss_mib": {"baseline": rss_base / mib if probe else None, "peak": probe.peak / mib if probe else None,
-                    "after": rss_after / mib if probe else None},
+        # Several processes: their sum (and the peak of the sum); "workers" has each one.
+        "rss_mib": {"baseline": sum(rss_base) / mib if probe else None, "peak": probe.peak / mib if probe else None,
+                    "after": sum(rss_after) / mib if probe else None},
+        "workers": per_worker(students, pids, ports, span, cpu_each,
+                              {"baseline": rss_base, "peak": probe.peaks if probe else [], "after": rss_after})
+        if len(pids) > 1 or any(s.upstream for s in students) else [],
+        "upstreams": dict(collections.Counter(s.upstream for s in students if s.upstream)),
+        "source_addresses": len({s.source for s in students if s.source}),
+        "proxy_cpu_s": proxy_cpu,
         "loadavg": {"before": load_before, "end": load_end},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "students": students,  # the raw results, for callers that look closer (not written to --json)
     }
 
 
-def run(*, sessions: int, seconds: float, period: float, url: str | None = None, pid: int | None = None,
-        log_path: str | os.PathLike | None = None, **kw) -> dict:
-    """``measure`` against ``url`` (loopback), or against a server of its own started with ``serve()``."""
+def _log_tails(logs, result: dict) -> str:
+    if not result["tracebacks"]:
+        return ""
+    return "\n".join(f"--- {log}:\n{Path(log).read_text()[-4000:]}" for log in logs
+                     if "Traceback" in Path(log).read_text())
+
+
+def run(*, sessions: int, seconds: float, period: float, url: str | None = None, pid=None, log_path=None,
+        workers: int | None = None, **kw) -> dict:
+    """``measure`` against ``url`` (loopback), or against a server of its own started with ``serve()``.
+
+    ``workers``: instead, ``workers`` processes of its own behind nginx (``benchmarks.cluster``), each measured.
+    With ``url``, ``pid`` and ``log_path`` may name several processes and logs (the workers behind a proxy).
+    """
     from benchmarks.classroom_load import server_pid
     from sparse_attn.ui.server import serve
 
     if url is not None:
         check_url(url)
         pid = pid or listener_pid(urllib.parse.urlsplit(url).port or 80)
-        result = measure(url, sessions=sessions, seconds=seconds, period=period, pid=pid,
-                         log_path=Path(log_path) if log_path else None, **kw)
-        result["log_tail"] = Path(log_path).read_text()[-4000:] if log_path and result["tracebacks"] else ""
+        logs = _as_list(log_path)
+        result = measure(url, sessions=sessions, seconds=seconds, period=period, pid=pid, log_path=logs, **kw)
+        result["log_tail"] = _log_tails(logs, result)
+        return result
+    if workers is not None:
+        from benchmarks.cluster import cluster
+
+        with cluster(workers) as c:
+            logs = [w.log for w in c.workers]
+            result = measure(c.url, sessions=sessions, seconds=seconds, period=period,
+                             pid=[w.pid for w in c.workers], log_path=logs, proxy_pid=c.nginx_pid, **kw)
+            result["log_tail"] = _log_tails(logs, result)  # the logs go with the cluster's directory
         return result
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(log_path) if log_path else Path(tmp) / "streamlit.log"
@@ -663,8 +860,30 @@ def lines(r: dict) -> list[str]:
         f"{len(r['students_without_picture'])}, cross-talk {len(r['cross_talk'])} of {r['checked']} checked",
         *[f"  {x}" for x in (r["errors"] + r["failures"])[:10]],
         *[f"  cross-talk, student {i}: {'; '.join(p)}" for i, p in list(r["cross_talk"].items())[:10]],
+        *worker_lines(r),
         f"load average before {r['loadavg']['before']}, at the end {r['loadavg']['end']}; {r['machine']}",
     ]
+    return out
+
+
+def worker_lines(r: dict) -> list[str]:
+    """Per-worker lines of a run behind a proxy (none for one process on its own)."""
+    if not r.get("workers"):
+        return []
+    took = sum(1 for w in r["workers"] if w["pid"] is not None and w["students"])
+    out = [f"behind a proxy: {took} of {sum(1 for w in r['workers'] if w['pid'] is not None)} measured workers "
+           f"took websockets, students from "
+           f"{r['source_addresses'] or 1} source address(es)"
+           + ("" if math.isnan(r.get("proxy_cpu_s", math.nan)) else f"; proxy CPU {r['proxy_cpu_s']:.1f} s")]
+    for w in r["workers"]:
+        if w["pid"] is None:
+            out.append(f"  students on workers not measured: {w['students']} ({', '.join(w['upstreams'])})")
+            continue
+        rss = w["rss_mib"]
+        out.append(f"  worker pid {w['pid']} (port {', '.join(map(str, w['ports'])) or '?'}): students "
+                   f"{w['students']}, {w['interactions']} interactions, {w['interactions_per_s']:.2f}/s, CPU "
+                   f"{w['cpu_s']:.1f} s ({w['cpu_s_per_interaction']:.2f} s per interaction), RSS "
+                   f"{rss['baseline']:.0f} / {rss['peak']:.0f} / {rss['after']:.0f} MiB")
     return out
 
 
@@ -680,8 +899,15 @@ def main(argv=None) -> int:
     ap.add_argument("--arrivals", choices=("poisson", "uniform"), default="poisson",
                     help="poisson: exponential gaps; uniform: a fixed period from a random phase")
     ap.add_argument("--url", help="a served app on loopback (default: start one)")
-    ap.add_argument("--pid", type=int, help="with --url: the server process to measure (default: the listener)")
-    ap.add_argument("--log", help="with --url: the server's log, to count tracebacks")
+    ap.add_argument("--pid", type=int, action="append",
+                    help="with --url: the server process to measure (default: the listener); repeat it for each "
+                    "worker behind a proxy")
+    ap.add_argument("--log", action="append", help="with --url: the server's log, to count tracebacks (repeatable)")
+    ap.add_argument("--workers", type=int, help="start this many app processes behind nginx (benchmarks.cluster) "
+                    "and measure each")
+    ap.add_argument("--source-addresses", type=int, metavar="N",
+                    help="students connect from 127.0.0.1 .. 127.0.0.N in turn (as from N machines: nginx keeps "
+                    "a client address on one worker)")
     ap.add_argument("--set", action="append", metavar="NAME=VALUE", help="put every student on this setting")
     ap.add_argument("--settings", choices=("classroom", "defaults"), default="classroom",
                     help="classroom: mixed lengths and patterns, H=2; defaults: the app's defaults, own seed and k")
@@ -695,6 +921,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.sessions < 1 or args.seconds < 0 or args.period < 0:
         ap.error("--sessions must be >= 1, --seconds and --period >= 0")
+    if args.workers is not None and (args.workers < 1 or args.url):
+        ap.error("--workers must be >= 1, and goes without --url (it starts its own servers)")
+    if args.source_addresses is not None and not 1 <= args.source_addresses <= 254:
+        ap.error("--source-addresses must be in 1..254")
     try:
         overrides = parse_sets(args.set)
         if args.url:
@@ -702,8 +932,9 @@ def main(argv=None) -> int:
     except ValueError as exc:
         ap.error(str(exc))
     r = run(sessions=args.sessions, seconds=args.seconds, period=args.period, url=args.url, pid=args.pid,
-            log_path=args.log, mode=args.settings, overrides=overrides, view=args.view, arrivals=args.arrivals,
-            seed=args.seed, settle_s=args.settle, check=args.check, estimate_deflate=args.estimate_deflate)
+            log_path=args.log, workers=args.workers, sources=args.source_addresses, mode=args.settings,
+            overrides=overrides, view=args.view, arrivals=args.arrivals, seed=args.seed, settle_s=args.settle,
+            check=args.check, estimate_deflate=args.estimate_deflate)
     print("\n".join(lines(r)))
     if r["log_tail"]:
         print("\nthe server log's end:\n" + r["log_tail"])

@@ -95,8 +95,23 @@ def pool_cells(x: torch.Tensor, step_q: int, step_k: int, mode: str, *, signed: 
 # builders below assemble plain dicts (the same layout make_subplots makes) and wrap them once, unvalidated;
 # the tests rebuild every figure with validation on, so a misspelled property still fails there.
 
-def _figure(data: list[dict], layout: dict) -> go.Figure:
-    return go.Figure(dict(data=data, layout=layout), _validate=False)
+def _figure(data: list[dict], layout: dict, grid: tuple[int, int] | None = None) -> go.Figure:
+    """The figure, unvalidated; ``grid`` (rows, cols) of a ``_subplots`` layout lets callers address panels by
+    row and column (``fig.update_xaxes(..., row=1)``), as on a figure from ``make_subplots``."""
+    fig = go.Figure(dict(data=data, layout=layout), _validate=False)
+    if grid is not None:
+        from plotly._subplots import SubplotRef  # the record make_subplots keeps per panel
+
+        rows, cols = grid
+        refs = []
+        for r in range(rows):
+            row = []
+            for c in range(cols):
+                n = _axis_id(r * cols + c)
+                row.append((SubplotRef("xy", ("xaxis" + n, "yaxis" + n), {"xaxis": "x" + n, "yaxis": "y" + n}),))
+            refs.append(row)
+        fig._grid_ref = refs
+    return fig
 
 
 def _axis_id(i: int) -> str:
@@ -370,7 +385,7 @@ def attention_maps(dense, sparse, mask, *, diff=None, mask_exact=None, log: bool
         height=860, margin=dict(t=90, b=90),
     )
     _outer_titles(layout, _axes(d, tokens), 2, 2, lang)
-    return _figure(data, layout)
+    return _figure(data, layout, grid=(2, 2))
 
 
 def _outer_titles(layout: dict, axes: tuple[dict, dict], rows: int, cols: int, lang: str, **y_extra) -> None:
@@ -422,7 +437,7 @@ def head_grid(weights, *, log: bool = False, max_cells: int = 128, pool: str = "
                        cmax=math.log10(max(top, LOG_FLOOR)) if log else top, colorbar=_colorbar(log)),
         height=290 * rows + 120, margin=dict(t=80, b=60),
     )
-    return _figure(data, layout)
+    return _figure(data, layout, grid=(rows, cols))
 
 
 # Sweep columns (sparse_attn.sweep.COLUMNS) a budget curve can show, and the catalog key of each one's axis label.

@@ -312,7 +312,7 @@ def nsa_branch_maps(compressed, selected, sliding, combined, *, log: bool = Fals
         height=860, margin=dict(t=90, b=60),
     )
     _outer_titles(layout, _axes(pooled[0], tokens), 2, 2, lang)
-    return _figure(data, layout)
+    return _figure(data, layout, grid=(2, 2))
 
 
 def _grid_note(grid: BlockGrid, lang: str) -> str:

@@ -13,6 +13,7 @@ from sparse_attn import viz
 from sparse_attn.i18n import LANGS, t
 from sparse_attn.methods import METHODS, choices
 from sparse_attn.sources import KINDS
+from sparse_attn.ui.state import TABS
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -90,7 +91,7 @@ def test_every_source_and_method_runs(source):
         ok(at)
         if source == "file":  # nothing uploaded yet: a message in place of the picture, the page still works
             assert [e.value for e in at.error] == [t("err.no_upload", "en")]
-            assert len(at.tabs) == 4
+            assert len(at.tabs) == len(TABS)
         else:
             assert not at.error, [e.value for e in at.error]
             # maps and head grid; NSA adds its branches, blocks and gates; the model its line view and overview
@@ -235,7 +236,7 @@ def test_over_budget_settings_are_refused_naming_the_setting():
     ok(at)
     [err] = at.error
     assert t("setting.seq_len", "en") in err.value and "MiB" in err.value
-    assert not at.get("plotly_chart") and len(at.tabs) == 4
+    assert not at.get("plotly_chart") and len(at.tabs) == len(TABS)
 
 
 def test_other_tabs_run():
@@ -286,7 +287,7 @@ def test_a_failing_computation_breaks_only_its_panel(monkeypatch):
     ok(at)
     [err] = at.error
     assert err.value.startswith(t("err.unexpected", "zh", detail="X").split("（")[0]) and "injected fault" in err.value
-    assert len(at.tabs) == 4 and at.sidebar.slider(key="top_k").value == 32
+    assert len(at.tabs) == len(TABS) and at.sidebar.slider(key="top_k").value == 32
 
 
 def test_timing_sweep_stops_at_its_time_budget_and_locks_are_shared():

@@ -327,3 +327,15 @@ def test_subplot_layout_matches_make_subplots():
         for a, b in zip(got["annotations"], want.annotations, strict=True):
             assert a["text"] == b.text
             assert a["x"] == pytest.approx(b.x) and a["y"] == pytest.approx(b.y)
+
+
+def test_panels_are_addressed_by_row_and_column_as_on_make_subplots():
+    dense, sparse, mask = _maps(16)
+    fig = viz.attention_maps(dense, sparse, mask)
+    fig.update_xaxes(showticklabels=False, row=1)
+    fig.update_yaxes(showticklabels=False, col=2)
+    assert [fig.layout[a].showticklabels for a in ("xaxis", "xaxis2", "xaxis3", "xaxis4")] == [False, False, None, None]
+    assert [fig.layout[a].showticklabels for a in ("yaxis", "yaxis2", "yaxis3", "yaxis4")] == [None, False, None, False]
+    grid = viz.head_grid(torch.stack([dense] * 6), cols=4)
+    grid.update_xaxes(range=[0, 3], row=2, col=2)
+    assert list(grid.layout.xaxis6.range) == [0, 3] and grid.layout.xaxis5.range is None
