@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.classroom_load import server_pid
-from sparse_attn.ui.server import free_port, serve
+from sparse_attn.ui.server import free_port, serve, stop as stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "deploy" / "nginx.conf.template"
@@ -180,22 +180,13 @@ def cluster(workers: int = 2, *, port: int | None = None, host: str = "127.0.0.1
             out = stack.enter_context(open(prefix / "nginx.out", "w"))
             nginx = subprocess.Popen([nginx_bin, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"),
                                       "-g", "daemon off;"], stdout=out, stderr=subprocess.STDOUT)
-            stack.callback(_stop, nginx)
+            stack.callback(stop_process, nginx)
             _wait_ready(nginx, url, ["/_stcore/health", *(f"/_worker/{i}/health" for i in range(workers))],
                         prefix, timeout)
             yield Cluster(url, prefix, nginx.pid, members)
     finally:
         if own_prefix:
             shutil.rmtree(prefix, ignore_errors=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def main(argv=None) -> int:

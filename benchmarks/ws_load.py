@@ -577,7 +577,11 @@ def listening_ports(pid: int) -> list[int]:
         mine = {os.readlink(fd).removeprefix("socket:[").removesuffix("]") for fd in Path(f"/proc/{pid}/fd").iterdir()}
     except OSError:
         return []
-    ports = set()
+    return sorted({port for port, inode in _listening() if inode in mine})
+
+
+def _listening():
+    """(port, socket inode) of every TCP socket in the LISTEN state (0A) that /proc shows, IPv4 and IPv6."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -585,9 +589,8 @@ def listening_ports(pid: int) -> list[int]:
             continue
         for line in lines:
             cols = line.split()
-            if cols[3] == "0A" and cols[9] in mine:
-                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
-    return sorted(ports)
+            if cols[3] == "0A":
+                yield int(cols[1].rsplit(":", 1)[1], 16), cols[9]
 
 
 def source_addresses(spec) -> list[str | None]:
@@ -611,16 +614,7 @@ def source_addresses(spec) -> list[str | None]:
 
 def listener_pid(port: int) -> int | None:
     """The process that listens on loopback ``port`` (found through /proc), or None when it is not visible."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            cols = line.split()
-            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
-                inodes.add(cols[9])
+    inodes = {inode for listening, inode in _listening() if listening == port}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue

@@ -56,8 +56,11 @@ def test_upload_refusals_replace_the_picture_in_the_readers_language(page, app_u
     expect(sidebar.get_by_text(hint)).to_be_visible()
     expect(box.locator("[data-testid='stFileUploaderDropzoneInstructions']")).to_be_hidden()
     button = box.locator("[data-testid='stFileUploaderDropzone'] button p")
-    label = button.evaluate("el => getComputedStyle(el, '::after').content")
-    assert label == f'"{t("io.upload_button", lang)}"' and button.evaluate("el => getComputedStyle(el).fontSize") == "0px"
+    # The label is our style sheet's, which the page applies once its own element has mounted: wait for it.
+    want = f'"{t("io.upload_button", lang)}"'
+    page.wait_for_function("([el, want]) => getComputedStyle(el, '::after').content === want",
+                           arg=[button.element_handle(), want], timeout=30_000)
+    assert button.evaluate("el => getComputedStyle(el).fontSize") == "0px"
     assert not re.search(r"\d\s?MB\b|Browse files|Drag and drop", sidebar.inner_text())
 
     def pick(path_or_payload):
