@@ -19,7 +19,7 @@ from benchmarks import ws_load
 from benchmarks.ws_load import Student
 from tests.conftest import IN_CI
 
-SESSIONS, SECONDS, PERIOD = 8, 15, 2.0
+SESSIONS, SECONDS, PERIOD = 8, 10, 2.0
 CANDIDATES = [f"127.0.0.{i}" for i in range(1, 41)]
 SHOTS = os.environ.get("SPARSE_ATTN_SCREENSHOTS")  # a folder: save the browser's pages there
 

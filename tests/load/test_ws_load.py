@@ -14,7 +14,7 @@ from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 from benchmarks import ws_load
 from benchmarks.ws_load import MessageCache, Page, Student
 
-SESSIONS, SECONDS, PERIOD = 8, 15, 2.0
+SESSIONS, SECONDS, PERIOD = 8, 10, 2.0
 
 
 @pytest.fixture(scope="module")
