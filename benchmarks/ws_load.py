@@ -165,12 +165,14 @@ def widget_value(element):
 
 
 def plot_trace_z(element, trace: int):
-    """Trace ``trace``'s z of a plotly chart element as a float64 array (plotly 6 sends arrays base64-encoded)."""
+    """Trace ``trace``'s z of a chart element as a float64 array (plotly 6 sends arrays base64-encoded)."""
     import base64
 
     import numpy as np
 
-    z = json.loads(element.plotly_chart.spec)["data"][trace]["z"]
+    from sparse_attn.ui.charts import spec
+
+    z = spec(element.bidi_component)["data"][trace]["z"]
     if isinstance(z, dict):
         shape = [int(n) for n in str(z["shape"]).split(",")]
         z = np.frombuffer(base64.b64decode(z["bdata"]), dtype=np.dtype(z["dtype"])).reshape(shape)
@@ -471,7 +473,7 @@ def picture_mismatch(st: Student, view: str) -> str | None:
     from benchmarks.classroom_load import expected_signature, same_signature
 
     chart = st.last_page.elements.get(PICTURES[view])
-    if chart is None or chart.WhichOneof("type") != "plotly_chart":
+    if chart is None or chart.WhichOneof("type") != "bidi_component":
         return f"no {PICTURES[view]} in the last page"
     if view != "maps":
         return None  # the budget sweep is too costly to redo per student here; its widgets are still checked

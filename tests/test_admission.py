@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 from sparse_attn.i18n import LANGS, t
 from sparse_attn.ui import admission
 from sparse_attn.ui.admission import Busy, Gate, ServerBusy
+from sparse_attn.ui.charts import elements as chart_elements
 from sparse_attn.ui.memory import BudgetError
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
@@ -246,7 +247,7 @@ def test_maps_wait_in_line_with_a_message_then_draw(monkeypatch, lang):
               {w.split("（")[0].split("(")[0] for w in waiting}]
     assert queued, "no queue message while waiting"
     assert not any(i.value in queued for i in at.info)  # cleared once it started
-    assert at.get("plotly_chart") and not at.error and g.used == 0
+    assert chart_elements(at) and not at.error and g.used == 0
 
 
 @pytest.mark.parametrize("lang", LANGS)
@@ -266,7 +267,7 @@ def test_maps_that_wait_too_long_get_a_busy_warning_not_an_error(monkeypatch, la
         g.release(blocker)
     assert not at.exception, [e.message for e in at.exception]
     assert [w.value for w in at.warning] == [t("guard.busy", lang)]
-    assert not at.error and not at.get("plotly_chart") and g.waiting() == 0
+    assert not at.error and not chart_elements(at) and g.waiting() == 0
 
 
 def test_the_budget_tab_at_4096_is_bounded_in_time_and_shows_progress(monkeypatch):

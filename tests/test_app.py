@@ -1,7 +1,6 @@
 """The Streamlit app under AppTest: defaults, every source x method, k, language, URL, bad input."""
 import base64
 import io
-import json
 import re
 from pathlib import Path
 
@@ -13,6 +12,8 @@ from sparse_attn import viz
 from sparse_attn.i18n import LANGS, t
 from sparse_attn.methods import METHODS, choices
 from sparse_attn.sources import KINDS
+from sparse_attn.ui.charts import elements as chart_elements
+from sparse_attn.ui.charts import spec as chart_spec
 from sparse_attn.ui.state import TABS
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
@@ -31,7 +32,7 @@ def ok(at: AppTest) -> None:
 
 
 def spec(at: AppTest, i: int = 0) -> dict:
-    return json.loads(at.get("plotly_chart")[i].proto.spec)
+    return chart_spec(chart_elements(at)[i])
 
 
 def z(trace: dict) -> np.ndarray:
@@ -59,7 +60,7 @@ def visible_labels(at: AppTest) -> list[str]:
                  "multiselect"):
         labels += [w.label for w in at.get(kind)]
     labels += [m.label for m in at.metric]
-    for i in range(len(at.get("plotly_chart"))):
+    for i in range(len(chart_elements(at))):
         labels += chart_texts(spec(at, i))
     return labels
 
@@ -96,7 +97,7 @@ def test_every_source_and_method_runs(source):
             assert not at.error, [e.value for e in at.error]
             # maps and head grid; NSA adds its branches, blocks and gates; the model its line view and overview
             charts = 2 + 3 * (method == "nsa") + 2 * (source == "model")
-            assert len(at.get("plotly_chart")) == charts and len(at.metric) == 7
+            assert len(chart_elements(at)) == charts and len(at.metric) == 7
 
 
 def test_changing_k_changes_the_sparse_map_and_the_metrics():
@@ -225,10 +226,10 @@ def test_k_zero_shows_a_translated_message_and_the_rest_works():
     at.sidebar.slider(key="top_k").set_value(0).run()
     ok(at)
     assert [e.value for e in at.error] == [t("err.k_too_small", "zh", value=0)]
-    assert not at.get("plotly_chart")
+    assert not chart_elements(at)
     at.sidebar.slider(key="top_k").set_value(16).run()
     ok(at)
-    assert not at.error and at.get("plotly_chart")
+    assert not at.error and chart_elements(at)
 
 
 def test_over_budget_settings_are_refused_naming_the_setting():
@@ -236,7 +237,7 @@ def test_over_budget_settings_are_refused_naming_the_setting():
     ok(at)
     [err] = at.error
     assert t("setting.seq_len", "en") in err.value and "MiB" in err.value
-    assert not at.get("plotly_chart") and len(at.tabs) == len(TABS)
+    assert not chart_elements(at) and len(at.tabs) == len(TABS)
 
 
 def test_other_tabs_run():

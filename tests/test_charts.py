@@ -1,6 +1,5 @@
 """Pictures that explain themselves: hovers that name cells, mask categories, clean log axes, honest timing."""
 import base64
-import json
 import math
 import re
 import time
@@ -15,6 +14,8 @@ from streamlit.testing.v1 import AppTest
 from sparse_attn import viz
 from sparse_attn.i18n import LANGS, t
 from sparse_attn.timing import NOISY_IQR, Timing, time_until_stable
+from sparse_attn.ui.charts import elements as chart_elements
+from sparse_attn.ui.charts import spec as chart_spec
 
 
 def z_of(trace) -> np.ndarray:
@@ -350,7 +351,7 @@ def test_the_timing_tab_says_finished_or_stopped_never_both(lang):
     [table] = at.dataframe
     assert t("speed.col_peak", lang) not in table.value.columns  # a CPU: no column of "None"
     assert all(re.fullmatch(r"[\d.]+ (B|KiB|MiB|GiB)", v) for v in table.value[t("speed.col_memory", lang)])
-    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    fig = chart_spec(chart_elements(at)[0])
     assert all((_arr(tr["y"]) > 0).all() for tr in fig["data"])
     # A budget too small for anything: stopped, and no green "finished" beside it.
     at.number_input(key="sp_budget").set_value(1)
@@ -363,7 +364,7 @@ def test_the_timing_tab_says_finished_or_stopped_never_both(lang):
 def test_the_budget_tab_has_a_positive_log_axis_its_tabs_title_and_a_note(lang):
     at = _app(view="budget", L=64, H=2, method="hybrid", lang=lang)
     assert not at.exception, [e.message for e in at.exception]
-    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    fig = chart_spec(chart_elements(at)[0])
     for tr in fig["data"]:
         ys = _arr(tr.get("y") or []).ravel()
         assert (ys[np.isfinite(ys)] > 0).all(), tr["name"]  # NaN is a gap
@@ -385,3 +386,28 @@ def test_the_explainer_labels_its_controls_as_its_own(lang):
     at.slider(key="ex_n").set_value(8).run()
     assert at.slider(key="ex_k").value == 8 and at.slider(key="ex_chunk").value <= 8
     assert at.info and at.info[0].value == t("explain.k_clipped", lang, k=20, n=8)
+
+
+def test_the_chart_component_serves_the_installed_plotly_js(tmp_path, monkeypatch):
+    import plotly
+
+    from sparse_attn.ui import charts
+
+    monkeypatch.setattr(charts, "ASSETS", tmp_path)
+    charts._install_plotly_js()
+    src = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_bytes()
+    assert (tmp_path / "plotly.min.js").read_bytes() == src  # the version plotly.py writes its figures for
+    (tmp_path / "plotly.min.js").write_bytes(b"stale")
+    charts._install_plotly_js()
+    assert (tmp_path / "plotly.min.js").read_bytes() == src  # an older copy is replaced
+    assert [p.name for p in tmp_path.iterdir()] == ["plotly.min.js"]  # no temporary file left behind
+    assert (Path(charts.__file__).with_name("plot_assets") / "plot.js").is_file()
+
+
+def test_every_chart_is_the_plot_component_with_its_figure():
+    at = _app(L=64, H=2)
+    assert not at.exception, [e.message for e in at.exception]
+    charts_ = chart_elements(at)
+    assert len(charts_) == 2 and {e.proto.component_name for e in charts_} == {"sparse-attn.plot"}
+    maps = chart_spec(charts_[0])
+    assert [tr["type"] for tr in maps["data"]].count("heatmap") >= 4 and maps["layout"]["height"] > 0

@@ -15,6 +15,8 @@ from sparse_attn.i18n import LANGS, t
 from sparse_attn.methods import METHODS, Config, SettingError
 from sparse_attn.sources import synthetic_qkv
 from sparse_attn.ui import compute, errors, generate, state
+from sparse_attn.ui.charts import elements as chart_elements
+from sparse_attn.ui.charts import spec as chart_spec
 from sparse_attn.viz_decode import BY_POSITION, BY_SCORE, EVERY_KEY, FUTURE, SKIPPED
 
 MIB = 2**20
@@ -234,9 +236,7 @@ def panel(tmp_path, monkeypatch):
 
 
 def _chart_json(at, i):
-    import json
-
-    return json.loads(at.get("plotly_chart")[i].proto.spec)
+    return chart_spec(chart_elements(at)[i])
 
 
 def _decode_array(a):
@@ -251,7 +251,7 @@ def test_the_panel_states_the_numbers_of_its_pictures(panel, lang):
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.selectbox(key="gen_method").value == "nsa"  # the sidebar's method
-    assert len(at.get("plotly_chart")) == 2
+    assert len(chart_elements(at)) == 2
     # The table: the large model's bytes per token at 128k, as bytes_per_step counts them.
     table = at.dataframe[0].value
     cfg = compute.config(state.from_query({"method": "nsa"}))

@@ -15,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 from sparse_attn.i18n import LANGS, catalog, t
 from sparse_attn.methods import METHODS
 from sparse_attn.ui import compute, guide, lessons, state
+from sparse_attn.ui.charts import elements as chart_elements
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 URL_NAMES = {state.url_key(name): name for name in state.specs()}  # URL key -> setting name
@@ -325,7 +326,7 @@ def test_every_lesson_url_opens_its_view_and_banner(lesson_id, lang):
     assert ss["lesson"] == lesson_id and at.sidebar.selectbox(key="lesson").value == lesson_id
     want = lessons.settings_of(lesson_id)
     assert ss["view"] == want["view"] and ss["tab"] == state.tab_labels(lang)[state.TABS.index(want["view"])]
-    assert len(at.get("plotly_chart")) >= 1  # the tab's first picture was drawn
+    assert len(chart_elements(at)) >= 1  # the tab's first picture was drawn
     texts = banner_texts(at)
     title = t("lessons.banner_title", lang, title=lessons.text("title", lesson_id, lang))
     assert title in [e.label for e in at.expander], [e.label for e in at.expander]

@@ -7,6 +7,7 @@ from sparse_attn.i18n import t
 from sparse_attn.methods import METHODS, Config
 from sparse_attn.sources import Source, load, load_model
 from sparse_attn.sources.sentences import sentence
+from sparse_attn.ui.charts import elements as chart_elements
 from sparse_attn.viz_model import DENSE_COLOUR, DROPPED_COLOUR, LINE_FLOOR, OPACITY_STEP, line_view, overview
 
 TEXT = sentence("en_cat").text  # "The cat did not eat the fish because it was not hungry."
@@ -182,11 +183,11 @@ def test_panel_cache_and_render_under_apptest():
 
     at = AppTest.from_function(script, default_timeout=120).run()
     assert not at.exception, at.exception
-    specs = {c.proto.id: c.proto.spec for c in at.get("plotly_chart")}
+    specs = {c.proto.id: c.proto.json for c in chart_elements(at)}
     assert len(specs) == 2
     import json
 
-    figs = [json.loads(spec) for spec in specs.values()]
+    figs = [json.loads(json.loads(raw)["spec"]) for raw in specs.values()]
     over, lines = sorted(figs, key=lambda f: -sum(tr["type"] == "heatmap" for tr in f["data"]))
     assert sum(tr["type"] == "heatmap" for tr in over["data"]) == 72
     assert "layer 3, head 1" in lines["layout"]["title"]["text"]

@@ -1,6 +1,5 @@
 """The NSA view: per-branch numbers against a direct count over the branch maps, forced blocks, pooling, both languages."""
 import base64
-import json
 import math
 import pickle
 
@@ -15,6 +14,8 @@ from sparse_attn.methods import METHODS, Config
 from sparse_attn.ops.dense import allowed_pairs, dense_attention
 from sparse_attn.ops.nsa import NSAMaps, nsa_attention
 from sparse_attn.ui import nsa_panel
+from sparse_attn.ui.charts import elements as chart_elements
+from sparse_attn.ui.charts import spec as chart_spec
 from sparse_attn.viz import pool_map
 
 # Partial last blocks (L not a multiple of the block sizes), grouped-query heads sharing one selection,
@@ -268,7 +269,7 @@ def _app(lang: str, head: int = 1, log: bool = False, kv_heads: int | None = Non
 
 
 def _spec(chart) -> dict:
-    return json.loads(chart.proto.spec)
+    return chart_spec(chart)
 
 
 def _z(trace: dict) -> np.ndarray:
@@ -283,7 +284,7 @@ def _z(trace: dict) -> np.ndarray:
 def test_render_draws_the_view_with_a_note_under_each_picture(lang):
     at = _app(lang)
     assert not at.exception, [e.message for e in at.exception]
-    charts = at.get("plotly_chart")
+    charts = chart_elements(at)
     specs = [_spec(c) for c in charts]
     assert len(specs) == 3
     branches, blocks, gates = specs
@@ -303,7 +304,7 @@ def test_render_draws_the_view_with_a_note_under_each_picture(lang):
 def test_render_follows_the_head_and_log_scale_and_names_a_shared_selection():
     at = _app("en", head=3, log=True, kv_heads=2)
     assert not at.exception, [e.message for e in at.exception]
-    branches = _spec(at.get("plotly_chart")[0])
+    branches = _spec(chart_elements(at)[0])
     assert t("nsa.maps_title_head", "en", h=3) in branches["layout"]["title"]["text"]
     assert np.nanmax(_z(branches["data"][0])) <= 0  # log10 of weights <= 1
     captions = " ".join(c.value for c in at.caption)

@@ -22,6 +22,7 @@ from streamlit.testing.v1 import AppTest
 from sparse_attn.i18n import LANGS, catalog, t
 from sparse_attn.sources import ERROR_CODES, FILE_SUFFIXES, Source, SourceError, load
 from sparse_attn.ui import errors, inputs, markup
+from sparse_attn.ui.charts import elements as chart_elements
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -260,14 +261,14 @@ def test_a_bad_file_replaces_the_picture_and_a_good_one_brings_it_back(lang):
     at = run_app(source="file", lang=lang)
     assert not at.exception and [e.value for e in at.error] == [t("err.no_upload", lang)]
     upload(at, "good.npz", npz(q=GOOD, k=GOOD))
-    assert not at.exception and not at.error and at.get("plotly_chart")
+    assert not at.exception and not at.error and chart_elements(at)
     # A bad file after the good one: its message, in place of the earlier file's picture.
     for case in ("text", "forged", "huge_header"):
         name, data, _, words = CASES[case]
         upload(at, name, data)
         assert not at.exception
         assert [e.value for e in at.error] == [errors.message(case_error(case), lang)]
-        assert words[lang] in at.error[0].value and not at.get("plotly_chart")
+        assert words[lang] in at.error[0].value and not chart_elements(at)
 
 
 def test_a_file_the_browser_refused_replaces_the_picture():
@@ -279,7 +280,7 @@ def test_a_file_the_browser_refused_replaces_the_picture():
     at.run()
     assert not at.exception
     want = errors.message(inputs.Refused("big.npy", 70 * MIB, "size").error(), "zh")
-    assert [e.value for e in at.error] == [want] and "64 MiB" in want and not at.get("plotly_chart")
+    assert [e.value for e in at.error] == [want] and "64 MiB" in want and not chart_elements(at)
     assert inputs.refusal_caption(inputs.Refused("big.npy", 70 * MIB, "size"), "zh") in [c.value for c in at.caption]
 
 

@@ -10,6 +10,8 @@ from sparse_attn.ui.server import serve
 
 from .helpers import signature, wait_for_new_signature, wait_for_plot, wait_idle
 
+CHARTS = ".st-key-maps_chart .js-plotly-plot, .st-key-grid_chart .js-plotly-plot"
+
 
 @pytest.fixture(scope="module")
 def counted_app(tmp_path_factory):
@@ -29,6 +31,9 @@ def test_view_only_changes_do_not_recompute(page, counted_app):
     sig = wait_for_plot(page)
     first = _calls(log)
     assert first == 1
+    # Each chart is one div for as long as its key lives: a new figure updates it in place (Plotly.react)
+    # instead of mounting a new chart. A mark set on the divs now must still be there at the end.
+    page.evaluate(f"() => document.querySelectorAll('{CHARTS}').forEach(el => el.dataset.kept = '1')")
     steps = [
         lambda: page.get_by_text(t("viz.pool_mean", "en"), exact=True).click(),
         lambda: page.get_by_text(t("setting.log", "en"), exact=True).click(),
@@ -38,6 +43,9 @@ def test_view_only_changes_do_not_recompute(page, counted_app):
         sig = wait_for_new_signature(page, sig)  # the picture changed...
         wait_idle(page)
         assert _calls(log) == first  # ...from the cache
+    kept = page.evaluate(f"() => [...document.querySelectorAll('{CHARTS}')].map(el => el.dataset.kept === '1')")
+    assert kept == [True, True], kept  # pooling and log redrew the same two divs
+    # (The language switch relabels the tabs, which Streamlit treats as new tabs: their charts mount anew.)
     page.locator("[data-testid='stSidebar']").get_by_text("中文").click()
     expect(page.get_by_role("heading", name=t("app.title", "zh"))).to_be_visible(timeout=30_000)
     wait_idle(page)

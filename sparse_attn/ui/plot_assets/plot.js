@@ -1,0 +1,47 @@
+// One chart of the app: a plotly div that lives as long as its Streamlit key and is updated in place.
+//
+// Streamlit calls this function on every rerun with the new figure. The div is kept, so a new figure
+// is one Plotly.react (plotly redraws only what changed) instead of a new chart mounted from scratch.
+// plotly.js is served next to this file from the installed package: the browser never fetches it from
+// anywhere else, and a classroom without a network draws the same charts.
+const PLOTLY_URL = new URL("./plotly.min.js", import.meta.url).href;
+let plotlyReady = null;
+
+function loadPlotly() {
+  // plotly.min.js is a UMD bundle: imported as a module it sets globalThis.Plotly and exports nothing.
+  plotlyReady ??= window.Plotly ? Promise.resolve() : import(PLOTLY_URL);
+  return plotlyReady.then(() => window.Plotly);
+}
+
+export default function (component) {
+  const { data, parentElement } = component;
+  let el = parentElement.querySelector(":scope > .sa-plot");
+  if (!el) {
+    el = document.createElement("div");
+    el.className = "sa-plot";
+    parentElement.appendChild(el);
+    // The column can change width without the window resizing (the sidebar folds away).
+    el.saResize = new ResizeObserver(() => {
+      if (el._fullLayout && window.Plotly) window.Plotly.Plots.resize(el);
+    });
+    el.saResize.observe(el);
+  }
+  // Only the newest figure is drawn: a rerun that lands while plotly.js loads replaces the one before it.
+  el.saSpec = data.spec;
+  el.saConfig = data.config;
+  loadPlotly()
+    .then((Plotly) => {
+      if (el.saDrawn === el.saSpec) return;
+      const spec = JSON.parse(el.saSpec);
+      el.saDrawn = el.saSpec;
+      return Plotly.react(el, spec.data, spec.layout, { ...el.saConfig, responsive: true });
+    })
+    .catch((err) => {
+      el.textContent = data.failed;
+      console.error(err);
+    });
+  return () => {
+    el.saResize?.disconnect();
+    if (window.Plotly) window.Plotly.purge(el);
+  };
+}
