@@ -699,6 +699,24 @@ def test_the_benchmarks_float64_check_is_zero_on_a_float64_step():
         assert float64_error(m, q1, cache, r, CFG) > 1e-5, m
 
 
+def test_lazy_extras_are_made_once_when_read():
+    from sparse_attn.decode.result import Lazy, LazyExtras
+
+    made = []
+    extras = LazyExtras(plain=1, lazy=Lazy(lambda: made.append(1) or torch.ones(2)))
+    assert made == [] and "lazy" in extras and len(extras) == 2
+    assert torch.equal(extras["lazy"], torch.ones(2)) and extras.get("lazy") is extras["lazy"]
+    assert dict(extras.items())["plain"] == 1 and made == [1]  # made on the first read only
+    assert extras.get("missing", 3) == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA device")
+def test_the_launch_benchmark_refuses_a_machine_without_cuda():
+    from benchmarks.decode_launch import main
+
+    assert main([]) == 2
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

@@ -46,6 +46,7 @@ if triton is not None:
         T, Nc, nb, S, limit0, cmp_block, cmp_stride, sel, n_initial, n_local,
         G: tl.constexpr, BLOCK_G: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, WIDTH: tl.constexpr, BLOCK_K: tl.constexpr,
+        LOG_B: tl.constexpr,
     ):
         row = tl.program_id(0)  # (b, KV head, t), t fastest
         row64 = row.to(tl.int64)
@@ -99,7 +100,7 @@ if triton is not None:
         forced = ((offs_b < n_initial) & starts_before) | ((offs_b <= own) & (offs_b > own - n_local))
         key = tl.where((imp > 0) & starts_before, imp, float("-inf"))
         key = tl.where(forced, float("inf"), key)
-        store_top(rank_keys(key, offs_b, nb, b_ok), nb, S, SCR + row64 * S, BLK + row64 * S, BLOCK_K, True)
+        store_top(rank_keys(key, offs_b, nb, b_ok), nb, S, SCR + row64 * S, BLK + row64 * S, BLOCK_K, LOG_B, True)
 
     @triton.jit
     def _nsa_combine(
@@ -144,7 +145,7 @@ def _head_stats(parts: Partials, rows: int, G: int) -> tuple[torch.Tensor, torch
 
 
 def nsa_step_triton(q, cache, g, *, scale: float, window: int, sel: int, num_selected: int, num_initial: int,
-                    num_local: int):
+                    num_local: int, select_warps: int | None = None):
     """(out (B, H, T, Dv), blocks (B, Hkv, T, S), importance (B, Hkv, T, nb), a call for the compressed weights).
 
     ``g``: gates (B, H, T, 3), any strides. The caller has checked the
@@ -172,8 +173,8 @@ def nsa_step_triton(q, cache, g, *, scale: float, window: int, sel: int, num_sel
         scores, cmp.pm, cmp.pl, pg, importance, blocks, scratch,
         T, Nc, nb, S, L - T + 1, bs, stride, sel, num_initial, num_local,
         G=G, BLOCK_G=cmp.block_g, SPLITS=cmp.splits, BLOCK_S=pow2(cmp.splits, 2), BLOCK_C=_CHUNK,
-        BLOCK_B=block_b, WIDTH=pow2((sel + bs) // stride + 2, 1), BLOCK_K=pow2(S, 16),
-        num_warps=num_warps_for(block_b),
+        BLOCK_B=block_b, WIDTH=pow2((sel + bs) // stride + 2, 1), BLOCK_K=pow2(S, 16), LOG_B=block_b.bit_length() - 1,
+        num_warps=select_warps or num_warps_for(rows, q.device),
     )
 
     picked = units_attention(q, cache.k, cache.v, blocks, sel, L, scale, partials=True)

@@ -290,7 +290,7 @@ def rows_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tok
 
 
 def units_attention(q, k, v, units, unit: int, length: int, scale: float, *, splits: int | None = None,
-                    partials: bool = False):
+                    partials: bool = False, num_warps: int = 4, num_stages: int = 2):
     """Attention of q (B, H, T, D) over the rows of picked units, each query up to its position.
 
     Unit u stands for rows u * unit .. u * unit + unit - 1; ``units`` is
@@ -304,13 +304,14 @@ def units_attention(q, k, v, units, unit: int, length: int, scale: float, *, spl
     n_idx = _check_index(q, k, units, "units")
     T = q.shape[2]
     parts = _partials(q, k, v, units, scale, slots=units.shape[-1] * unit, source=_UNITS, unit=unit,
-                      limit0=length - T + 1, splits=splits)
+                      limit0=length - T + 1, splits=splits, num_warps=num_warps, num_stages=num_stages)
     return parts if partials else combine(parts, q, n_idx, v.shape[-1])
 
 
 def range_attention(q, k, v, length: int, scale: float, *, window: int | None, first: int = 0, slots: int | None = None,
                     compressed: tuple[int, int] | None = None, scores: torch.Tensor | None = None,
-                    round_scores: bool = False, splits: int | None = None, partials: bool = False):
+                    round_scores: bool = False, splits: int | None = None, partials: bool = False,
+                    num_warps: int = 4, num_stages: int = 2):
     """Attention of q (B, H, T, D) over a range of rows, each KV group reading it once.
 
     Query t sits at position length - T + t. Plain: it reads rows
@@ -328,5 +329,5 @@ def range_attention(q, k, v, length: int, scale: float, *, window: int | None, f
         slots = k.shape[2] - first
     parts = _partials(q, k, v, None, scale, slots=slots, source=_RANGE, first=first, limit0=length - T + 1,
                       window=2**30 if window is None else window, compressed=compressed, scores=scores,
-                      round_scores=round_scores, splits=splits)
+                      round_scores=round_scores, splits=splits, num_warps=num_warps, num_stages=num_stages)
     return parts if partials else combine(parts, q, k.shape[1], v.shape[-1])

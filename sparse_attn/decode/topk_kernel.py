@@ -6,7 +6,8 @@ several passes and launches (at B=32, 64k and grouped Quest, 128 rows of
 few thousand pages or blocks per row, which one program holds in registers.
 It builds the same keys (the value's float32 bits in an order-preserving
 integer, the reversed index below them: all distinct), finds the k-th
-largest key bit by bit (64 counts over the row, no data movement), writes
+largest key bit by bit (32 counts over the row for the value, a dozen for
+ties at it; no data movement), writes
 the k keys at or above it to a scratch row in order of position, and places
 each at its rank among those k. The picks are ``stable_topk``'s, slot for
 slot. (``tl.sort`` was tried first: 60 us for those 128 rows on an H200,
@@ -36,9 +37,18 @@ def supports_k(k: int) -> bool:
     return 1 <= k <= MAX_K
 
 
-def num_warps_for(block: int) -> int:
-    # At most 16 keys per thread (each count of the search sums them), at least 4 warps.
-    return max(4, min(16, block // 512))
+def num_warps_for(rows: int, device: torch.device) -> int:
+    """Warps per program: few when programs queue (more of them resident at once), 16 when the rows leave
+    multiprocessors idle.
+
+    ``python -m benchmarks.decode_launch`` on an H200 (graph replays, 4096 bf16 values per row, k = 128):
+    2048 rows took 145 us at 2 warps, 160 at 4 and 295 at 16; 128 rows 21.2, 22.7 and 24.0 us at 4, 8 and
+    16 warps (16 was chosen from eager timings that the host's launches dominated; the steps of H200 run 22
+    were measured with it).
+    """
+    from .rows_kernel import _multiprocessors
+
+    return 16 if rows <= 2 * _multiprocessors(device) else 2
 
 
 if triton is not None:
@@ -57,19 +67,30 @@ if triton is not None:
         return n - 1 - (key & 0xFFFFFFFF)
 
     @triton.jit
-    def store_top(key, n, k, SCR, OUT, BLOCK_K: tl.constexpr, NEG_INF_EMPTY: tl.constexpr):
-        """Write the indices of the k largest of ``key`` (distinct int64, from rank_keys) to OUT[0 .. k), largest
-        first; SCR: k int64 of scratch. NEG_INF_EMPTY: a pick whose value is -inf is written as -1."""
-        # The k-th largest key, bit by bit from the top, on the keys' bits read unsigned (sign bit flipped).
-        u = (key ^ (-9223372036854775807 - 1)).to(tl.uint64, bitcast=True)
-        tau = tl.full([], 0, tl.uint64)
-        bit = tl.full([], 1, tl.uint64) << 63
-        for _ in range(64):
+    def store_top(key, n, k, SCR, OUT, BLOCK_K: tl.constexpr, LOG_BLOCK: tl.constexpr, NEG_INF_EMPTY: tl.constexpr):
+        """Write the indices of the k largest of ``key`` (distinct int64 from rank_keys, 2**LOG_BLOCK lanes) to
+        OUT[0 .. k), largest first; SCR: k int64 of scratch. NEG_INF_EMPTY: a pick of value -inf is written -1."""
+        # The k-th largest value word, bit by bit from the top (the words read unsigned, sign bit flipped): 32
+        # counts over the row. Lanes past the row hold the smallest key, word 0 here: never above a real one.
+        hi = (key >> 32).to(tl.int32)
+        rev = (key & 0xFFFFFFFF).to(tl.int32)
+        u = (hi ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)
+        tau = tl.full([], 0, tl.uint32)
+        bit = tl.full([], 1, tl.uint32) << 31
+        for _ in range(32):
             cand = tau | bit
-            count = tl.sum((u >= cand).to(tl.int32), 0)
-            tau = tl.where(count >= k, cand, tau)
+            tau = tl.where(tl.sum((u >= cand).to(tl.int32), 0) >= k, cand, tau)
             bit = bit >> 1
-        picked = u >= tau  # exactly k lanes: the keys are distinct
+        above = u > tau
+        at = u == tau
+        need = k - tl.sum(above.to(tl.int32), 0)  # >= 1: ties at that value, taken by index (largest rev first)
+        low = tl.full([], 0, tl.int32)
+        bit2 = tl.full([], 1, tl.int32) << (LOG_BLOCK - 1)
+        for _ in range(LOG_BLOCK):
+            cand = low | bit2
+            low = tl.where(tl.sum((at & (rev >= cand)).to(tl.int32), 0) >= need, cand, low)
+            bit2 = bit2 >> 1
+        picked = above | (at & (rev >= low))  # exactly k lanes: the keys are distinct
         slot = tl.cumsum(picked.to(tl.int32), 0) - 1
         tl.store(SCR + slot, key, mask=picked)
         tl.debug_barrier()  # every pick is in the scratch row before any thread reads it back
@@ -82,15 +103,16 @@ if triton is not None:
         tl.store(OUT + rank, idx, mask=offs_k < k)
 
     @triton.jit
-    def _topk_rows(X, OUT, SCR, N, stride_xr, stride_or, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _topk_rows(X, OUT, SCR, N, stride_xr, stride_or, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                   LOG_BLOCK: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         ok = offs < N
         x = tl.load(X + r * stride_xr + offs, mask=ok, other=0.0).to(tl.float32)
-        store_top(rank_keys(x, offs, N, ok), N, K, SCR + r * K, OUT + r * stride_or, BLOCK_K, False)
+        store_top(rank_keys(x, offs, N, ok), N, K, SCR + r * K, OUT + r * stride_or, BLOCK_K, LOG_BLOCK, False)
 
 
-def topk_indices_triton(x: torch.Tensor, k: int) -> torch.Tensor:
+def topk_indices_triton(x: torch.Tensor, k: int, *, num_warps: int | None = None) -> torch.Tensor:
     """``ranked_topk(x, k).indices`` for x (..., N) float16 / bfloat16 / float32 with N <= MAX_ROW, k <= N.
 
     NaN must not occur in x (as for ``ranked_topk``).
@@ -109,5 +131,6 @@ def topk_indices_triton(x: torch.Tensor, k: int) -> torch.Tensor:
     block = pow2(n, 16)
     scratch = torch.empty(rows.shape[0], k, dtype=torch.int64, device=x.device)
     _topk_rows[(rows.shape[0],)](rows, out, scratch, n, rows.stride(0), k, k, BLOCK=block, BLOCK_K=pow2(k, 16),
-                                 num_warps=num_warps_for(block))
+                                 LOG_BLOCK=block.bit_length() - 1,
+                                 num_warps=num_warps or num_warps_for(rows.shape[0], x.device))
     return out
