@@ -26,7 +26,10 @@ makes the host wait for the GPU (``.item()``, ``nonzero``, a data-dependent
 shape) is named in the ``host syncs`` column and is not captured. With
 ``--compare-reference`` (on by default on CUDA) the sparse methods run once
 more with every Triton kernel off (``kernels.dispatch.reference_only``): the
-largest difference of the outputs, and that path's graph time.
+largest difference of the outputs, that path's graph time, the share of
+selection slots that hold the same page or block, and, for one-query steps of
+SDPA, dense, Quest and NSA, both paths' relative error against float64
+attention over the step's own picks (``float64_error``).
 
 Settings default to the papers' (NSA: compression blocks of 32 every 16,
 16 selection blocks of 64, a window of 512; Quest: pages of 16; top-k and
