@@ -26,7 +26,10 @@ makes the host wait for the GPU (``.item()``, ``nonzero``, a data-dependent
 shape) is named in the ``host syncs`` column and is not captured. With
 ``--compare-reference`` (on by default on CUDA) the sparse methods run once
 more with every Triton kernel off (``kernels.dispatch.reference_only``): the
-largest difference of the outputs, and that path's graph time.
+largest difference of the outputs, that path's graph time, the share of
+selection slots that hold the same page or block, and, for one-query steps of
+SDPA, dense, Quest and NSA, both paths' relative error against float64
+attention over the step's own picks (``float64_error``).
 
 Settings default to the papers' (NSA: compression blocks of 32 every 16,
 16 selection blocks of 64, a window of 512; Quest: pages of 16; top-k and
@@ -53,7 +56,7 @@ from sparse_attn.kernels.dispatch import reference_only
 from sparse_attn.methods import METHODS, Config
 from sparse_attn.timing import time_fn
 
-__all__ = ["main", "copy_bandwidth", "measure", "format_table", "host_sync", "capture"]
+__all__ = ["main", "copy_bandwidth", "measure", "format_table", "host_sync", "capture", "float64_error"]
 
 # quest_grouped: Quest with one pick of pages per KV group (quest_decode's query_heads_share_pages), beside
 # the paper's per-head rule, which under 16 query heads per KV head can read up to 16 x the budget.
@@ -67,6 +70,7 @@ _SETTINGS = {  # Config field -> default here (the papers' settings at long cont
 _FILL_CHUNK = 8192  # tokens per append while filling: bounds the random tensors made at once
 # Methods whose step has a Triton path (the rows kernel): timed again on the PyTorch path with --compare-reference.
 _WITH_KERNEL = ("quest", "nsa", "streaming_llm", "quest_grouped")
+_FLOAT64_FORM = ("sdpa", "dense", "quest", "quest_grouped", "nsa")  # methods float64_error knows
 
 
 def _sync(device: torch.device) -> None:
@@ -152,6 +156,56 @@ def _graph_time(step, q, cache, min_run_time: float):
     timing = time_fn(graph.replay, min_run_time=min_run_time)
     del graph, result
     return timing, same
+
+
+def float64_error(method: str, q: torch.Tensor, cache: KVCache, result, cfg: Config) -> float:
+    """||out - ref|| / ||ref|| for a one-query step, ref the same attention in float64 over the step's own picks.
+
+    The picks are the step's (its ``selection``): this measures the arithmetic of the kernels and of the
+    half-precision path, not whether a rounding changed a pick (``max_abs_diff_vs_reference`` and the
+    picks' agreement with the PyTorch path say that). The cache's stored summaries (NSA's compressed rows)
+    are upcast as stored. Methods: sdpa, dense, quest, quest_grouped, nsa.
+    """
+    from sparse_attn._checks import resolve_scale
+
+    if q.shape[2] != 1:
+        raise ValueError("float64_error takes one-query steps (T = 1)")
+    B, H, _, D = q.shape
+    Hkv, L = cache.num_kv_heads, cache.length
+    scale = resolve_scale(cfg.scale, D)
+    q64 = q.double()
+
+    def over(keys, values):  # every row of keys / values (B, Hkv, n, D), upcast here, shared by a group's heads
+        qg = q64.view(B, Hkv, H // Hkv, D)
+        w = torch.softmax(qg @ keys.double().transpose(-1, -2) * scale, dim=-1)
+        return (w @ values.double()).view(B, H, 1, -1)
+
+    def rows(units, unit):  # the rows of picked units (B, Hs, 1, S), gathered in the cache's dtype, then upcast
+        Hs = units.shape[1]
+        tok = (units.unsqueeze(-1) * unit + torch.arange(unit, device=q.device))[:, :, 0].flatten(-2)
+        ok = (units[:, :, 0] >= 0).repeat_interleave(unit, -1) & (tok < L)
+        safe = tok.clamp(0, L - 1)
+        at = (torch.arange(B, device=q.device).view(-1, 1, 1),
+              (torch.arange(Hs, device=q.device) // (Hs // Hkv)).view(1, -1, 1), safe)
+        ks, vs = cache.k[at].double(), cache.v[at].double()  # (B, Hs, K, D)
+        qh = q64.view(B, Hs, H // Hs, D)
+        sc = (qh @ ks.transpose(-1, -2) * scale).masked_fill(~ok.unsqueeze(-2), float("-inf"))
+        return (torch.softmax(sc, dim=-1) @ vs).view(B, H, 1, -1)
+
+    if method in ("sdpa", "dense"):
+        ref = over(cache.keys, cache.values)
+    elif method in ("quest", "quest_grouped"):
+        ref = rows(result.selection.indices, cache.page_size)
+    elif method == "nsa":
+        g = result.extras["gates"].double()
+        cmp = over(cache.compressed_keys, cache.compressed_values)
+        picked = rows(result.selection.indices, cfg.selection_block_size)
+        lo = max(0, L - cfg.sliding_window_size)
+        win = over(cache.keys[:, :, lo:], cache.values[:, :, lo:])
+        ref = g[..., 0:1] * cmp + g[..., 1:2] * picked + g[..., 2:3] * win
+    else:
+        raise ValueError(f"float64_error: no float64 form for method {method!r}")
+    return float((result.output.double() - ref).norm() / ref.norm())
 
 
 def _fill(cfg: Config, B: int, Hkv: int, length: int, D: int, dtype, device, seed: int) -> KVCache:
@@ -281,14 +335,27 @@ def _cuda_extras(row: dict, method: str, step, q, cache, args, log=print) -> Non
     except Exception as e:  # noqa: BLE001 - recorded, and the run goes on
         notes.append(f"graph failed: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
         torch.cuda.synchronize()
+    if args.compare_reference and method in _FLOAT64_FORM and q.shape[2] == 1:
+        try:  # the step's error against float64 over its own picks (and the PyTorch path's, for comparison)
+            row["rel_err_vs_float64"] = float64_error(method, q, cache, step(q, cache), args.cfg)
+            if method in _WITH_KERNEL:
+                row["reference_rel_err_vs_float64"] = float64_error(method, q, cache, _on_reference(step)(q, cache),
+                                                                    args.cfg)
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"float64 check failed: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+        _free(q.device)
     if args.compare_reference and method in _WITH_KERNEL and "kernel failed" not in row.get("note", ""):
         try:
             ref_step = _on_reference(step)
-            fast = step(q, cache).output.float()
-            ref = ref_step(q, cache).output.float()
+            fast_r, ref_r = step(q, cache), ref_step(q, cache)
+            fast, ref = fast_r.output.float(), ref_r.output.float()
             row["max_abs_diff_vs_reference"] = float((ref - fast).abs().max())
             row["max_abs_reference"] = float(ref.abs().max())
-            del fast, ref
+            if fast_r.selection.indices is not None:
+                # Picks in the same slots as the PyTorch path's (ties in its rounding may reorder a few).
+                row["picks_equal_reference"] = float((fast_r.selection.indices == ref_r.selection.indices)
+                                                     .float().mean())
+            del fast, ref, fast_r, ref_r
             if args.cuda_graphs and host_sync(ref_step, q, cache) is None:
                 row["reference_graph_median_s"] = _graph_time(ref_step, q, cache, args.min_run_time)[0].median
         except Exception as e:  # noqa: BLE001
@@ -327,7 +394,7 @@ def format_table(rows: list[dict]) -> str:
     if graphs:
         head += " graph ms | graph GB/s | graph speedup vs SDPA graph | host syncs |"
     if ref:
-        head += " PyTorch-path graph ms | max diff vs PyTorch path |"
+        head += " PyTorch-path graph ms | max diff vs PyTorch path | rel err vs float64 | picks as PyTorch path |"
     prof = any("kernels_per_step" in r for r in rows)
     if prof:
         head += " kernels / step | GPU busy ms |"
@@ -336,7 +403,8 @@ def format_table(rows: list[dict]) -> str:
     blank = lambda n: " |" * n  # noqa: E731
     for r in rows:
         if "median_s" not in r:
-            lines.append(f"| {r['batch']} | {r['length']} | {r['method']} |" + blank(8 + 4 * graphs + 2 * ref + 2 * prof)
+            lines.append(f"| {r['batch']} | {r['length']} | {r['method']} |"
+                         + blank(8 + 4 * graphs + 4 * ref + 2 * prof)
                          + f" {r['note']} |")
             continue
         line = (
@@ -354,6 +422,8 @@ def format_table(rows: list[dict]) -> str:
         if ref:
             line += (f" {r['reference_graph_median_s'] * 1e3:.3f} |" if "reference_graph_median_s" in r else " |")
             line += (f" {r['max_abs_diff_vs_reference']:.2e} |" if "max_abs_diff_vs_reference" in r else " |")
+            line += (f" {r['rel_err_vs_float64']:.1e} |" if "rel_err_vs_float64" in r else " |")
+            line += (f" {r['picks_equal_reference']:.4f} |" if "picks_equal_reference" in r else " |")
         if prof:
             line += (f" {r['kernels_per_step']} | {r['gpu_busy_s'] * 1e3:.3f} |" if "kernels_per_step" in r else " | |")
         notes = [n for n in (r.get("note"), r.get("graph_note")) if n]
@@ -436,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = _DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     cfg = Config(**{name: getattr(args, name) for name in _SETTINGS})
+    args.cfg = cfg
     nbytes = args.copy_bytes or (1 << 30 if device.type == "cuda" else 1 << 28)
     copy_bps = copy_bandwidth(device, nbytes, min_run_time=min(args.min_run_time, 0.5))
     meta = _machine(device, dtype, copy_bps, args, argv)

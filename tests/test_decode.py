@@ -682,13 +682,101 @@ def test_the_decode_benchmark_table_shows_graphs_syncs_and_the_pytorch_path():
         assert main(["--device", "cpu", flag, "--lengths", "16"]) == 2  # CUDA-only options refuse the CPU
 
 
+def test_the_benchmarks_float64_check_is_zero_on_a_float64_step():
+    """benchmarks.decode.float64_error rebuilds each method's one-query attention over its picks: a float64 step
+    (the PyTorch path) must agree with it to rounding, a perturbed output must not."""
+    from benchmarks.decode import float64_error
+
+    q, k, v = qkv(L=37)
+    cache = KVCache.for_config(CFG, 2, 2, 37, 8, value_dim=6, dtype=F64).append(k, v)
+    q1 = q[:, :, -1:]
+    steps = {"sdpa": sdpa_decode(q1, cache), "dense": dense_decode(q1, cache), "nsa": decode("nsa", q1, cache, CFG),
+             "quest": decode("quest", q1, cache, CFG),
+             "quest_grouped": quest_decode(q1, cache, CFG.token_budget, query_heads_share_pages=True)}
+    for m, r in steps.items():
+        assert float64_error(m, q1, cache, r, CFG) < 1e-12, m
+        r.output.add_(1e-3)
+        assert float64_error(m, q1, cache, r, CFG) > 1e-5, m
+
+
+def test_lazy_extras_are_made_once_when_read():
+    from sparse_attn.decode.result import Lazy, LazyExtras
+
+    made = []
+    extras = LazyExtras(plain=1, lazy=Lazy(lambda: made.append(1) or torch.ones(2)))
+    assert made == [] and "lazy" in extras and len(extras) == 2
+    assert torch.equal(extras["lazy"], torch.ones(2)) and extras.get("lazy") is extras["lazy"]
+    assert dict(extras.items())["plain"] == 1 and made == [1]  # made on the first read only
+    assert extras.get("missing", 3) == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA device")
+def test_the_launch_benchmark_refuses_a_machine_without_cuda():
+    from benchmarks.decode_launch import main
+
+    assert main([]) == 2
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("method", ["nsa", "quest", "quest_grouped"])
+def test_cuda_fused_steps_are_within_bf16_rounding_of_float64(method):
+    """On the GPU: the fused steps (kernels taken) against float64 over their picks, and against the PyTorch path."""
+    from benchmarks.decode import _step, float64_error
+    from sparse_attn.decode import nsa, quest
+    from sparse_attn.kernels.dispatch import reference_only
+
+    cfg = Config(top_k=512, token_budget=512, page_size=16, compress_block_size=32, compress_block_sliding_stride=16,
+                 selection_block_size=64, num_selected_blocks=8, sliding_window_size=256, num_initial_blocks=1,
+                 num_local_blocks=2, num_sink_tokens=4)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, Hkv, L, D = 3, 32, 2, 5000, 128  # L a multiple of neither pages nor blocks
+    cache = KVCache.for_config(cfg, B, Hkv, L, D, dtype=torch.bfloat16, device="cuda")
+    cache.append(torch.randn(B, Hkv, L, D, generator=g, device="cuda").bfloat16(),
+                 torch.randn(B, Hkv, L, D, generator=g, device="cuda").bfloat16())
+    q = torch.randn(B, H, 1, D, generator=g, device="cuda").bfloat16()
+    if method == "nsa":
+        assert nsa._use_nsa_kernels(q, cache, cfg.num_selected_blocks, cfg.sliding_window_size,
+                                    cfg.selection_block_size)
+    else:
+        assert quest._use_step_kernels(q, cache, cache.num_pages, cfg.token_budget // cfg.page_size)
+    step = _step(method, cfg, 2044)
+    fast = step(q, cache)
+    with reference_only():
+        ref = step(q, cache)
+    err, ref_err = float64_error(method, q, cache, fast, cfg), float64_error(method, q, cache, ref, cfg)
+    assert err < 1e-2 and err < 2 * ref_err + 1e-3, (err, ref_err)
+    assert (fast.selection.indices == ref.selection.indices).float().mean() >= 0.98
+    assert fast.bytes_read.total <= ref.bytes_read.total * 1.02
+    if method == "nsa":
+        torch.testing.assert_close(fast.extras["importance"], ref.extras["importance"], rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(fast.extras["compressed_weights"], ref.extras["compressed_weights"], rtol=1e-3,
+                                   atol=1e-6)
+
+
+@CUDA
+def test_cuda_topk_kernel_is_the_stable_rule_on_long_rows():
+    from sparse_attn.decode.ranking import ranked_topk
+    from sparse_attn.decode.topk_kernel import topk_indices_triton
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for n, k in ((4096, 128), (1024, 16), (8192, 64), (300, 300), (5000, 512)):
+        x = (torch.randn(64, n, generator=g, device="cuda") * 4).round().bfloat16()  # many ties
+        x[0, :100] = float("-inf")
+        assert torch.equal(topk_indices_triton(x, k), ranked_topk(x, k).indices), (n, k)
+        y = torch.randn(64, n, generator=g, device="cuda")
+        assert torch.equal(topk_indices_triton(y, k), ranked_topk(y, k).indices), (n, k)
+
+
 from tests.triton_interpreter import INTERPRETED, run_kernel_tests  # noqa: E402
 
 if not INTERPRETED:
 
     def test_decode_kernels_under_triton_interpreter():
         pytest.importorskip("triton")
-        run_kernel_tests(__file__, min_passed=13, selector="decode_kernel_")
+        run_kernel_tests(__file__, min_passed=17, selector="decode_kernel_")
 
 
 if INTERPRETED:
@@ -779,3 +867,84 @@ if INTERPRETED:
         assert len(calls) >= 6  # the kernels did run
         for m in want:
             torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5)
+
+    @pytest.mark.parametrize("T", [1, 3])
+    def test_decode_kernel_nsa_and_quest_steps_pick_and_weigh_as_the_pytorch_steps(monkeypatch, T):
+        """The fused steps (nsa_kernel; Quest's bounds, ranking and unit rows) against the PyTorch steps: outputs,
+        picks slot for slot, importance and the compressed weights made on demand."""
+        from sparse_attn.decode import nsa, quest
+
+        q, k, v = qkv(B=2, H=8, Hkv=2, L=45, D=16, Dv=12, seed=T, dtype=torch.float32)
+        cache = KVCache.for_config(CFG, 2, 2, 45, 16, value_dim=12).append(k, v)
+        gates = torch.rand(2, 8, T, 3, generator=torch.Generator().manual_seed(T))  # per head and query
+
+        def steps():
+            return {"nsa": nsa_decode(q[:, :, -T:], cache, gates=gates, **nsa_kwargs(CFG)),
+                    "quest": quest_decode(q[:, :, -T:], cache, CFG.token_budget),
+                    "quest_grouped": quest_decode(q[:, :, -T:], cache, CFG.token_budget, query_heads_share_pages=True)}
+
+        want = steps()
+        monkeypatch.setattr(nsa, "_use_nsa_kernels", lambda *a: True)
+        monkeypatch.setattr(quest, "_use_step_kernels", lambda *a: True)
+        got = steps()
+        for m in want:
+            torch.testing.assert_close(got[m].output, want[m].output, rtol=1e-5, atol=1e-5)
+            assert torch.equal(got[m].selection.indices, want[m].selection.indices), m
+            assert got[m].bytes_read == want[m].bytes_read, m
+        for name in ("importance", "compressed_weights"):
+            torch.testing.assert_close(got["nsa"].extras[name], want["nsa"].extras[name], rtol=1e-5, atol=1e-7)
+
+    def test_decode_kernel_topk_is_the_stable_rule_slot_for_slot():
+        """The in-register sort of ranking keys: ties to the lower index, -0.0 equal to 0.0, +-inf, half dtypes."""
+        from sparse_attn.decode.ranking import ranked_topk
+        from sparse_attn.decode.topk_kernel import topk_indices_triton
+
+        g = torch.Generator().manual_seed(4)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = (torch.randint(-3, 4, (4, 21), generator=g).float() / 2).to(dtype)  # few values: ties everywhere
+            x[0, :5] = -0.0
+            x[1, ::2] = float("-inf")
+            x[2, 3] = float("inf")
+            x[3] = torch.randn(21, generator=g).to(dtype)
+            assert torch.equal(topk_indices_triton(x, 9), ranked_topk(x, 9).indices), dtype
+
+    def test_decode_kernel_units_and_ranges_equal_the_float64_rows():
+        """The rows kernel's unit source (causal cut at each query) and range source (a window; compressed rows
+        ended by each query, their scores written out) against float64 attention over the same rows."""
+        from einops import rearrange
+
+        from sparse_attn.decode.rows_kernel import range_attention, units_attention
+        from sparse_attn.ops.nsa.compression import num_compressed_blocks
+
+        g = torch.Generator().manual_seed(8)
+        B, H, Hkv, T, N, D, Dv, U = 2, 4, 2, 3, 70, 24, 20, 5
+        q, k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, Hkv, N, D, generator=g), torch.randn(
+            B, Hkv, N, Dv, generator=g)
+        L = 67  # rows past the length are never read
+        pos = torch.arange(L - T, L)
+        units = torch.stack([torch.randperm(14, generator=g)[:6] for _ in range(B * Hkv * T)]).view(B, Hkv, T, 6)
+        units[0, 0, 0, :2] = -1
+        tok = units.unsqueeze(-1) * U + torch.arange(U)
+        tok = tok.masked_fill((units < 0).unsqueeze(-1) | (tok > pos.view(-1, 1, 1)), -1).flatten(-2)
+        want = rows_reference(q, k, v, tok, 0.3)
+        torch.testing.assert_close(units_attention(q, k, v, units, U, L, 0.3, splits=2).double(), want,
+                                   rtol=1e-5, atol=1e-5)
+
+        window, lo = 9, L - T - 9 + 1
+        j = torch.arange(lo, L)
+        rows = torch.where((j <= pos.view(-1, 1)) & (j > pos.view(-1, 1) - window), j, -1).expand(B, Hkv, T, -1)
+        got = range_attention(q, k, v, L, 0.3, window=window, first=lo, slots=L - lo, splits=2)
+        torch.testing.assert_close(got.double(), rows_reference(q, k, v, rows, 0.3), rtol=1e-5, atol=1e-5)
+
+        bs, stride, Lc = 4, 2, 21  # compressed rows: row c ends at token c * stride + bs - 1
+        nc = num_compressed_blocks(Lc, bs, stride)
+        scores = torch.full((B, Hkv, T, H // Hkv, nc), float("nan"))
+        got = range_attention(q, k, v, Lc, 0.3, window=None, slots=nc, compressed=(bs, stride), scores=scores,
+                              splits=3)
+        c = torch.arange(nc)
+        seen = c * stride + bs - 1 <= torch.arange(Lc - T, Lc).view(-1, 1)  # (T, nc)
+        rows = torch.where(seen, c, -1).expand(B, Hkv, T, -1)
+        torch.testing.assert_close(got.double(), rows_reference(q, k, v, rows, 0.3), rtol=1e-5, atol=1e-5)
+        full = torch.einsum("bhtd,bhnd->bhtn", q.double(), k[:, :, :nc].double().repeat_interleave(2, 1)) * 0.3
+        full = rearrange(full, "b (hk g) t n -> b hk t g n", hk=Hkv).masked_fill(~seen[:, None], float("-inf"))
+        torch.testing.assert_close(scores.double(), full, rtol=1e-5, atol=1e-5)  # every slot written

@@ -12,8 +12,10 @@ sum rounded to the input dtype, the group's sum accumulated in float32), so
 that the two paths rank pages alike; near-ties may still order differently,
 as any two products with different accumulation orders may.
 
-Contract: qs (B, H, T, D), the queries already scaled; page_max, page_min
-(B, Hkv, N, D). Returns (B, H, T, N), or (B, Hkv, T, N) with ``group_sum``,
+Contract: qs (B, H, T, D), the queries already scaled (or raw queries and
+``scale``: the kernel then scales them in float32 and rounds to their dtype,
+as the PyTorch form does, which saves a step three launches); page_max,
+page_min (B, Hkv, N, D). Returns (B, H, T, N), or (B, Hkv, T, N) with ``group_sum``,
 in qs's dtype.
 """
 from __future__ import annotations
@@ -42,9 +44,10 @@ if triton is not None:
         stride_xb, stride_xh, stride_xn, stride_xd,
         stride_nb, stride_nh, stride_nn, stride_nd,
         stride_ob, stride_oh, stride_ot, stride_on,
-        Hkv, T, N,
+        Hkv, T, N, scale,
         G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_P: tl.constexpr, GROUP_SUM: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr,
+        PRESCALE: tl.constexpr,
     ):
         row = tl.program_id(0)  # (b, KV head, t), t fastest
         t = row % T
@@ -59,6 +62,8 @@ if triton is not None:
         heads = hk * G + offs_g
         q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + t * stride_qt + offs_d[None, :] * stride_qd,
                     mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        if PRESCALE:
+            q = (q.to(tl.float32) * scale).to(Q.dtype.element_ty)
         hi = tl.load(PMAX + b * stride_xb + hk * stride_xh + offs_p[None, :] * stride_xn + offs_d[:, None] * stride_xd,
                      mask=p_ok[None, :] & d_ok[:, None], other=0.0)
         lo = tl.load(PMIN + b * stride_nb + hk * stride_nh + offs_p[None, :] * stride_nn + offs_d[:, None] * stride_nd,
@@ -79,7 +84,7 @@ if triton is not None:
 
 
 def page_bounds_triton(qs: torch.Tensor, page_max: torch.Tensor, page_min: torch.Tensor, *,
-                       group_sum: bool = False) -> torch.Tensor:
+                       group_sum: bool = False, scale: float | None = None) -> torch.Tensor:
     """Upper bounds of q . k over each page, per query head (B, H, T, N) or summed per KV group (B, Hkv, T, N)."""
     if triton is None:
         raise RuntimeError("page_bounds_triton needs Triton, which is not installed")
@@ -92,8 +97,9 @@ def page_bounds_triton(qs: torch.Tensor, page_max: torch.Tensor, page_min: torch
     _page_bounds[(B * Hkv * T, triton.cdiv(N, BLOCK_PAGES))](
         qs, page_max, page_min, out,
         *qs.stride(), *page_max.stride(), *page_min.stride(), *out.stride(),
-        Hkv, T, N,
+        Hkv, T, N, 1.0 if scale is None else float(scale),
         G=G, HEAD_DIM=D, BLOCK_G=pow2(G, 16), BLOCK_D=pow2(D, 16), BLOCK_P=BLOCK_PAGES, GROUP_SUM=bool(group_sum),
-        ROUND=qs.dtype in (torch.float16, torch.bfloat16), PRECISION=dot_precision(qs.dtype), num_warps=4,
+        ROUND=qs.dtype in (torch.float16, torch.bfloat16), PRECISION=dot_precision(qs.dtype),
+        PRESCALE=scale is not None, num_warps=4,
     )
     return out

@@ -25,7 +25,8 @@ from ..ops.nsa.compression import num_compressed_blocks
 from .cache import COMPRESSED_ROW_ALIGN, KVCache
 from .gather import shared_gather_attention, use_rows_kernel
 from .ranking import ranked_topk
-from .result import BytesRead, DecodeResult, DecodeSelection, check_query, query_positions, rows_read
+from .result import (BytesRead, DecodeResult, DecodeSelection, Lazy, LazyExtras, check_query, query_positions,
+                     rows_read)
 
 __all__ = ["nsa_decode", "selection_importance"]
 
@@ -72,15 +73,24 @@ def nsa_decode(q: torch.Tensor, cache: KVCache, *, gates, sliding_window_size: i
     L, Hkv, sel = cache.length, cache.num_kv_heads, selection_block_size
     pos = query_positions(T, cache)
 
-    out_cmp, p_cmp, p_group = _compressed(q, cache, scale)
-    importance = selection_importance(p_group, bs, stride, sel, math.ceil(L / sel))
-    blocks = _select(importance, L, T, num_selected_blocks, sel, num_initial_blocks, num_local_blocks)
-    out_sel = _selected(q, cache, blocks, sel, pos, scale)
-    out_slide, lo = _sliding(q, cache, sliding_window_size, pos, scale)
-    out = torch.addcmul(torch.addcmul(out_cmp * g[..., 0:1], out_sel, g[..., 1:2]), out_slide, g[..., 2:3])
+    if _use_nsa_kernels(q, cache, num_selected_blocks, sliding_window_size, sel):
+        from .nsa_kernel import nsa_step_triton
+
+        out, blocks, importance, p_cmp = nsa_step_triton(
+            q, cache, g, scale=scale, window=sliding_window_size, sel=sel, num_selected=num_selected_blocks,
+            num_initial=num_initial_blocks, num_local=num_local_blocks)
+        lo = max(0, L - T - sliding_window_size + 1)
+        p_cmp = Lazy(p_cmp)  # (B, H, T, Nc) float32: made from the kernel's stored scores only when read
+    else:
+        out_cmp, p_cmp, p_group = _compressed(q, cache, scale)
+        importance = selection_importance(p_group, bs, stride, sel, math.ceil(L / sel))
+        blocks = _select(importance, L, T, num_selected_blocks, sel, num_initial_blocks, num_local_blocks)
+        out_sel = _selected(q, cache, blocks, sel, pos, scale)
+        out_slide, lo = _sliding(q, cache, sliding_window_size, pos, scale)
+        out = torch.addcmul(torch.addcmul(out_cmp * g[..., 0:1], out_sel, g[..., 1:2]), out_slide, g[..., 2:3])
 
     selection = DecodeSelection("blocks", blocks, sel, pos, L, window=sliding_window_size)
-    extras = {"compressed_weights": p_cmp, "importance": importance, "gates": g}
+    extras = LazyExtras(compressed_weights=p_cmp, importance=importance, gates=g)
 
     # Every compressed block in the cache has ended: the newest query reads them all (counted at this step's length).
     summaries = B * Hkv * cache.num_compressed * (D + cache.value_dim) * cache._ck.element_size()
@@ -92,6 +102,18 @@ def nsa_decode(q: torch.Tensor, cache: KVCache, *, gates, sliding_window_size: i
         return BytesRead(rows * D * cache.itemsize, rows * cache.value_dim * cache.itemsize, summaries)
 
     return DecodeResult(out, selection, count, extras)
+
+
+def _use_nsa_kernels(q: torch.Tensor, cache: KVCache, num_selected: int, window: int, sel: int) -> bool:
+    """Whether the step takes ``nsa_kernel`` (CUDA, Triton, a kernel dtype, sizes its programs hold)."""
+    if not q.is_cuda:  # checked first: the kernel modules import Triton
+        return False
+    from ..kernels import dispatch
+    from .nsa_kernel import MAX_BLOCKS, MAX_SELECTED
+
+    return (dispatch.use_triton(q, cache.k, cache.v) and max(q.shape[-1], cache.value_dim) <= 256
+            and cache.num_compressed >= 1 and 1 <= num_selected <= MAX_SELECTED and window >= 1
+            and -(-cache.length // sel) <= MAX_BLOCKS)
 
 
 def _gates(gates, B: int, H: int, T: int, q: torch.Tensor) -> torch.Tensor:

@@ -59,10 +59,20 @@ def quest_decode(q: torch.Tensor, cache: KVCache, token_budget: int, *, page_siz
     scale = resolve_scale(scale, D)
     L, Hkv = cache.length, cache.num_kv_heads
     pos = query_positions(T, cache)
+    N = cache.num_pages
+    S = min(math.ceil(token_budget / P), N)
+    if T == 1 and _use_step_kernels(q, cache, N, S):
+        # Four launches: bounds (the query scaled inside, the group's sum too), ranking, the pages' rows, combine.
+        from .rows_kernel import units_attention
+        from .topk_kernel import topk_indices_triton
+
+        bounds = _bounds_triton(q, cache, group_sum=query_heads_share_pages, scale=scale)
+        pages = topk_indices_triton(bounds, S)
+        out = units_attention(q, cache.k, cache.v, pages, P, L, scale)
+        return _result(out, pages, q, cache, pos, [])
     acc = torch.promote_types(q.dtype, torch.float32)
     qs = (q.to(acc) * scale).to(q.dtype)
     kernel = _use_bounds_kernel(qs, cache)
-    N = cache.num_pages
     if kernel and query_heads_share_pages and T == 1:  # one launch: both products and the group's sum
         bounds, partial = _bounds_triton(qs, cache, group_sum=True), []
     else:
@@ -71,7 +81,6 @@ def quest_decode(q: torch.Tensor, cache: KVCache, token_budget: int, *, page_siz
         if query_heads_share_pages:
             # A sum of upper bounds bounds the sum of the group's scores: the pages the group needs most.
             bounds = reduce(bounds, "b (hk g) t n -> b hk t n", "sum", hk=Hkv)
-    S = min(math.ceil(token_budget / P), N)
     if T == 1:
         # Every page starts at or before the newest query: all N are candidates, and the S <= N picks all real.
         pages = ranked_topk(bounds, S).indices
@@ -87,6 +96,12 @@ def quest_decode(q: torch.Tensor, cache: KVCache, token_budget: int, *, page_siz
         out = shared_gather_attention(q, cache.k, cache.v, tokens, scale)
     else:
         out = _per_head_attention(q, cache, tokens, scale)
+    return _result(out, pages, q, cache, pos, partial)
+
+
+def _result(out, pages, q, cache: KVCache, pos, partial) -> DecodeResult:
+    B, T, P, L, Hkv, D = q.shape[0], q.shape[2], cache.page_size, cache.length, cache.num_kv_heads, q.shape[-1]
+    N = cache.num_pages
     sel = DecodeSelection("pages", pages, P, pos, L)
 
     def count() -> BytesRead:
@@ -112,6 +127,17 @@ def _per_head_attention(q, cache: KVCache, tokens: torch.Tensor, scale: float) -
     return indexed_attention(q, cache.k, cache.v, tokens, scale)
 
 
+def _use_step_kernels(q: torch.Tensor, cache: KVCache, num_pages: int, picks: int) -> bool:
+    """Whether a one-query step takes the bounds, ranking and rows kernels together (``topk_kernel``'s sizes)."""
+    if not q.is_cuda:
+        return False
+    from ..kernels import dispatch
+    from . import bounds_kernel, topk_kernel
+
+    return (bounds_kernel.supports(q, cache.page_max, cache.page_min) and dispatch.use_triton(q, cache.k, cache.v)
+            and cache.value_dim <= 256 and num_pages <= topk_kernel.MAX_ROW and topk_kernel.supports_k(picks))
+
+
 def _use_bounds_kernel(qs: torch.Tensor, cache: KVCache) -> bool:
     if not qs.is_cuda:  # checked first: the kernel module imports Triton
         return False
@@ -120,10 +146,10 @@ def _use_bounds_kernel(qs: torch.Tensor, cache: KVCache) -> bool:
     return bounds_kernel.supports(qs, cache.page_max, cache.page_min)
 
 
-def _bounds_triton(qs: torch.Tensor, cache: KVCache, *, group_sum: bool = False) -> torch.Tensor:
+def _bounds_triton(qs: torch.Tensor, cache: KVCache, *, group_sum: bool = False, scale: float | None = None):
     from .bounds_kernel import page_bounds_triton
 
-    return page_bounds_triton(qs, cache.page_max, cache.page_min, group_sum=group_sum)
+    return page_bounds_triton(qs, cache.page_max, cache.page_min, group_sum=group_sum, scale=scale)
 
 
 def _upper_bounds(qs: torch.Tensor, cache: KVCache) -> torch.Tensor:

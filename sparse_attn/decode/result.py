@@ -20,7 +20,8 @@ from einops import rearrange
 
 from .cache import KVCache
 
-__all__ = ["BytesRead", "DecodeSelection", "DecodeResult", "check_query", "query_positions", "rows_read"]
+__all__ = ["BytesRead", "DecodeSelection", "DecodeResult", "Lazy", "LazyExtras", "check_query", "query_positions",
+           "rows_read"]
 
 
 class BytesRead(NamedTuple):
@@ -78,6 +79,39 @@ class DecodeSelection:
         if self.window:
             mask |= (seen & (j > pos - self.window))[None, None]
         return mask
+
+
+class Lazy:
+    """A value of ``LazyExtras`` made by ``make()`` on first read (once)."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[], object]) -> None:
+        self.make = make
+
+
+class LazyExtras(dict):
+    """A dict whose ``Lazy`` values are made when first read, then kept.
+
+    NSA's per-head compressed weights are (B, H, T, Nc) float32: 33 MB a step
+    at B=32, 64k. A picture reads them; a timed step should not write them.
+    """
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if isinstance(value, Lazy):
+            value = value.make()
+            super().__setitem__(key, value)
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def items(self):
+        return [(k, self[k]) for k in self]
 
 
 @dataclass
