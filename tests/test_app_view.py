@@ -75,14 +75,14 @@ def test_view_only_changes_recompute_nothing(tmp_path, monkeypatch):
     at.run()
     ok(at)
     assert _calls(log) == 1
-    before = chart_elements(at)[0].proto.json
+    before = chart_elements(at)[0].proto.bytes
     for change in (lambda: at.radio(key="pool").set_value("mean"), lambda: at.toggle(key="log").set_value(True),
                    lambda: at.slider(key="head").set_value(2), lambda: at.radio(key="lang").set_value("zh")):
         change()
         at.run()
         ok(at)
         assert _calls(log) == 1  # still the first run's computation
-    assert chart_elements(at)[0].proto.json != before  # and the picture did change
+    assert chart_elements(at)[0].proto.bytes != before  # and the picture did change
     at.slider(key="top_k").set_value(16)
     at.run()
     ok(at)

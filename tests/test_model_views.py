@@ -183,11 +183,11 @@ def test_panel_cache_and_render_under_apptest():
 
     at = AppTest.from_function(script, default_timeout=120).run()
     assert not at.exception, at.exception
-    specs = {c.proto.id: c.proto.json for c in chart_elements(at)}
+    specs = {c.proto.id: c.proto.bytes for c in chart_elements(at)}
     assert len(specs) == 2
     import json
 
-    figs = [json.loads(json.loads(raw)["spec"]) for raw in specs.values()]
+    figs = [json.loads(raw)["figure"] for raw in specs.values()]
     over, lines = sorted(figs, key=lambda f: -sum(tr["type"] == "heatmap" for tr in f["data"]))
     assert sum(tr["type"] == "heatmap" for tr in over["data"]) == 72
     assert "layer 3, head 1" in lines["layout"]["title"]["text"]

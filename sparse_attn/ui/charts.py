@@ -72,9 +72,12 @@ def config(filename: str) -> dict:
 def show(fig, key: str, *, filename: str | None = None, container=None) -> None:
     """Draw ``fig`` under the Streamlit ``key``; its camera button saves ``filename``.png (default: the key)."""
     lang = st.session_state.get("lang", "en")
+    # Bytes, not a dict: a dict would be JSON-encoded again (the figure escaped as one long string), and
+    # Streamlit would parse and re-sort that JSON to hash it. The figure's own JSON is spliced in as is.
+    payload = (f'{{"config": {json.dumps(config(filename or key))}, "failed": {json.dumps(t("chart.failed", lang))}, '
+               f'"figure": {pio.to_json(fig, validate=False)}}}')
     with container if container is not None else st.container():
-        _component()(key=key, data={"spec": pio.to_json(fig, validate=False), "config": config(filename or key),
-                             "failed": t("chart.failed", lang)})
+        _component()(key=key, data=payload.encode())
 
 
 def elements(at) -> list:
@@ -85,7 +88,7 @@ def elements(at) -> list:
 def spec(element) -> dict:
     """The figure a chart element carries (an AppTest element, or a ``BidiComponent`` proto from the socket)."""
     proto = getattr(element, "proto", element)
-    return json.loads(json.loads(proto.json)["spec"])
+    return json.loads(proto.bytes)["figure"]
 
 
 def save_hint(lang: str, container=None) -> None:

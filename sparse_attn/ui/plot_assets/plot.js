@@ -26,18 +26,18 @@ export default function (component) {
     });
     el.saResize.observe(el);
   }
-  // Only the newest figure is drawn: a rerun that lands while plotly.js loads replaces the one before it.
-  el.saSpec = data.spec;
-  el.saConfig = data.config;
+  // ``data`` is the UTF-8 JSON of {config, failed, figure}. Only the newest figure is drawn: a rerun
+  // that lands while plotly.js loads replaces the one before it.
+  const chart = JSON.parse(new TextDecoder().decode(data));
+  el.saChart = chart;
   loadPlotly()
     .then((Plotly) => {
-      if (el.saDrawn === el.saSpec) return;
-      const spec = JSON.parse(el.saSpec);
-      el.saDrawn = el.saSpec;
-      return Plotly.react(el, spec.data, spec.layout, { ...el.saConfig, responsive: true });
+      if (el.saDrawn === el.saChart) return;
+      const { figure, config } = (el.saDrawn = el.saChart);
+      return Plotly.react(el, figure.data, figure.layout, { ...config, responsive: true });
     })
     .catch((err) => {
-      el.textContent = data.failed;
+      el.textContent = chart.failed;
       console.error(err);
     });
   return () => {
