@@ -13,10 +13,13 @@ them, and walks the compressed blocks twice:
 
 1. flash-style online softmax: the branch output, and each row's max and sum;
 2. the scores again, normalised with that max and sum into the exact softmax
-   weights, summed over the group's heads, multiplied by the overlap matrix
-   tile (the fraction of compressed block c's tokens that lie in selection
-   block s, built in registers), and added into the (B, Hkv, Lq, Nsel)
-   importance.
+   weights, summed over the group's heads, shared out onto selection blocks
+   by overlap (the fraction of compressed block c's tokens that lie in
+   selection block s), and added into the (B, Hkv, Lq, Nsel) importance.
+   Where a power-of-two number of compressed blocks start in each selection
+   block (NSA's stride 16 and block 64: 4), that is a reshape and a few
+   weighted sums; otherwise a product with the overlap matrix's tile, built
+   in registers.
 
 Only this program writes its rows of the importance, in loop order, so the
 adds are race-free and the result does not depend on scheduling. Causal: a
@@ -28,8 +31,8 @@ blocks first.
 
 Pass 2 may also run as a second kernel (``split``, the default for half
 types): pass 1 stores each row's max plus log2 of its sum, and the second
-kernel walks the compressed blocks with its own tiles. Its time goes mostly
-into the scores' recomputation and the mapping product (docs/benchmarks.md).
+kernel walks the compressed blocks with its own tiles. Most of its time is the
+scores' recomputation (docs/benchmarks.md).
 
 Contract (as ``compressed_attention`` followed by the group sum and
 ``importance_to_selection_blocks(..., interpolate=False)`` in ``sparse_attn.ops.nsa``):
