@@ -454,6 +454,29 @@ def compressed_dtypes(dtypes):
         compressed_kernel._DISPATCH_DTYPES = saved
 
 
+@contextlib.contextmanager
+def previous_kernels():
+    """The selected and compressed kernels of --previous in place of today's, inside nsa_attention."""
+    saved = selected_kernel.selected_block_attention_triton, compressed_kernel.compressed_attention_triton
+    selected_kernel.selected_block_attention_triton = PREVIOUS["selected_prev"].selected_block_attention_triton
+    compressed_kernel.compressed_attention_triton = PREVIOUS["compressed_prev"].compressed_attention_triton
+    try:
+        yield
+    finally:
+        selected_kernel.selected_block_attention_triton, compressed_kernel.compressed_attention_triton = saved
+
+
+@contextlib.contextmanager
+def compressed_defaults(**cfg):
+    saved = dict(compressed_kernel.DEFAULTS)
+    compressed_kernel.DEFAULTS.update(cfg)
+    try:
+        yield
+    finally:
+        compressed_kernel.DEFAULTS.clear()
+        compressed_kernel.DEFAULTS.update(saved)
+
+
 def plain_topk(imp, S, sbs, L):
     """Eligible blocks by torch.topk: no forcing, ties as topk leaves them (the selection before run 11)."""
     ok = (imp > 0) & (torch.arange(imp.shape[-1], device="cuda") * sbs <= torch.arange(L, device="cuda")[:, None])
@@ -473,8 +496,16 @@ def stages(rec: Recorder, lengths=(16384, 65536)) -> None:
         with torch.no_grad():
             for name, run in PINNED_DENSE.items():
                 rec.guard("stages", {**lab, "stage": name}, lambda run=run: timed(lambda: run(q, k, v)))
-            rec.guard("stages", {**lab, "stage": "nsa (now)"},
-                      lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=7))
+            rec.guard("stages", {**lab, "stage": "nsa (now)", "compressed": dict(compressed_kernel.DEFAULTS)},
+                      lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=9))
+            if {"selected_prev", "compressed_prev"} <= PREVIOUS.keys():  # --previous: the kernels as they were
+                with previous_kernels():
+                    rec.guard("stages", {**lab, "stage": "nsa (before: --previous kernels)"},
+                              lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=9))
+                rec.guard("stages", {**lab, "stage": "nsa (now, again)"},
+                          lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=9))
+                rec.guard("stages", {**lab, "stage": "dense (cudnn), again"},
+                          lambda: timed(lambda: PINNED_DENSE["dense (cudnn)"](q, k, v)))
             with previous_selection_and_window():
                 rec.guard("stages", {**lab, "stage": "nsa (sort + chunked SDPA window, as run 11)"},
                           lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=7))
@@ -484,6 +515,11 @@ def stages(rec: Recorder, lengths=(16384, 65536)) -> None:
             rec.guard("stages", {**lab, "stage": "compressed kernel (out + importance)"},
                       lambda: timed(lambda: compressed_kernel.compressed_attention_triton(
                           q, kc, vc, cbs, st, causal=True, selection_block_size=sbs, num_keys=L)))
+            if "compressed_prev" in PREVIOUS:
+                prev_cmp = PREVIOUS["compressed_prev"].compressed_attention_triton
+                rec.guard("stages", {**lab, "stage": "compressed kernel (before: --previous)"},
+                          lambda: timed(lambda: prev_cmp(q, kc, vc, cbs, st, causal=True, selection_block_size=sbs,
+                                                         num_keys=L)))
             out_cmp, imp = compressed_kernel.compressed_attention_triton(q, kc, vc, cbs, st, causal=True,
                                                                          selection_block_size=sbs, num_keys=L)
             rec.guard("stages", {**lab, "stage": "select: fused kernel (now)", **block_select.DEFAULTS},
@@ -730,12 +766,12 @@ PREVIOUS: dict = {}  # earlier copies of kernel modules (--previous), timed side
 
 
 def _load_previous(folder: str | None) -> None:
-    """Import selected_prev.py / compressed_prev.py from ``folder`` when they are there."""
+    """Import selected_prev.py / compressed_prev.py (and compressed_exp.py, for tune_split) from ``folder``."""
     import importlib.util
 
     if not folder:
         return
-    for name in ("selected_prev", "compressed_prev"):
+    for name in ("selected_prev", "compressed_prev", "compressed_exp"):
         path = Path(folder) / f"{name}.py"
         if path.exists():
             spec = importlib.util.spec_from_file_location(name, path)
@@ -913,54 +949,157 @@ def tune_tiles(rec: Recorder, lengths=(16384, 65536)) -> None:
             rec.results.setdefault("tiles_defaults", {})[key[0]] = cfg
 
 
-def tiles_nsa(rec: Recorder, lengths=(16384, 65536)) -> None:
-    """Whole nsa_attention against SDPA cuDNN and flash, same process, before (--previous) and now; its stages."""
+def _pair(first, second, side):
+    """``first()`` on this stream and ``second()`` on ``side``, joined: what two branches cost together."""
+    def run():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            second()
+        first()
+        torch.cuda.current_stream().wait_stream(side)
+    return run
+
+
+def levers(rec: Recorder, lengths=(16384, 65536)) -> None:
+    """Two branches at once on two streams against one after the other (does a compute-bound kernel fill
+    what an L2-bound one leaves?), and FlexAttention's kernel options for the window."""
+    from triton.testing import do_bench
+
     cbs, st = NSA["compress_block_size"], NSA["compress_block_sliding_stride"]
-    sbs, S, win = NSA["selection_block_size"], NSA["num_selected_blocks"], NSA["sliding_window_size"]
+    sbs, win = NSA["selection_block_size"], NSA["sliding_window_size"]
     scale = D ** -0.5
+    bench = lambda fn: do_bench(fn, warmup=50, rep=300, return_mode="median")  # noqa: E731
     for L in lengths:
         q, k, v = inputs(L)
-        lab = {"L": L, "selected": dict(selected_kernel.DEFAULTS), "compressed": dict(compressed_kernel.DEFAULTS)}
-        g = torch.full((B, H, L, 3), 1 / 3, device="cuda", dtype=q.dtype)
+        kc, vc = compress_kv(k, cbs, st), compress_kv(v, cbs, st)
+        with torch.no_grad():
+            _, imp = compressed_kernel.compressed_attention_triton(q, kc, vc, cbs, st, causal=True,
+                                                                   selection_block_size=sbs, num_keys=L)
+            idx = select_blocks(imp, NSA["num_selected_blocks"], sbs, causal=True)
+            imp = None
+            half, hq = HKV // 2, H // 2
+            qa, qb = q[:, :hq].contiguous(), q[:, hq:].contiguous()
+            kca, vca = kc[:, :half].contiguous(), vc[:, :half].contiguous()
+            kb, vb, idxb = k[:, half:].contiguous(), v[:, half:].contiguous(), idx[:, half:].contiguous()
+            cmp_a = lambda: compressed_kernel.compressed_attention_triton(  # noqa: E731
+                qa, kca, vca, cbs, st, causal=True, selection_block_size=sbs, num_keys=L)
+            sel_b = lambda: selected_block_attention_triton(qb, kb, vb, idxb, sbs, causal=True)  # noqa: E731
+            sel_all = lambda: selected_block_attention_triton(q, k, v, idx, sbs, causal=True)  # noqa: E731
+            slide = lambda: sliding_window_attention(q, k, v, win, causal=True, scale=scale)  # noqa: E731
+            side = torch.cuda.Stream(priority=0)
+            side_hi = torch.cuda.Stream(priority=-1)
+            for name, fn in (("compressed (heads 0-1) alone", cmp_a), ("selected (heads 2-3) alone", sel_b),
+                             ("compressed (heads 0-1) + selected (heads 2-3), one stream",
+                              lambda: (cmp_a(), sel_b())),
+                             ("compressed (heads 0-1) || selected (heads 2-3), two streams",
+                              _pair(cmp_a, sel_b, side)),
+                             ("selected alone", sel_all), ("sliding alone", slide),
+                             ("selected + sliding, one stream", lambda: (sel_all(), slide())),
+                             ("selected || sliding, two streams", _pair(sel_all, slide, side)),
+                             ("selected || sliding (high priority), two streams", _pair(sel_all, slide, side_hi))):
+                rec.guard("levers", {"L": L, "what": "pair", "case": name}, lambda fn=fn: {"median_ms": bench(fn)})
+            qa = qb = kca = vca = kb = vb = idxb = idx = None
+            # FlexAttention's own kernel options for the window (each compiles once).
+            mask = sliding_flex._block_mask(L, L, win, True, str(q.device))
+            flex = sliding_flex._flex(True)
+            for opts in ({}, {"USE_TMA": True}, {"BLOCKS_ARE_CONTIGUOUS": True, "ROWS_GUARANTEED_SAFE": True},
+                         {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}):
+                def fl(opts=opts):
+                    fn = lambda: flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True,  # noqa: E731
+                                      kernel_options=opts or None)
+                    out = fn()
+                    ref = slide()
+                    return {"median_ms": bench(fn), "max_abs_diff_to_default": (out.float() - ref.float()).abs()
+                            .max().item()}
+                if L == lengths[-1] or not opts:
+                    rec.guard("levers", {"L": L, "what": "sliding: FlexAttention", "kernel_options": opts}, fl)
+        q = k = v = kc = vc = None
+        torch.cuda.empty_cache()
+
+
+def tune_split(rec: Recorder, lengths=(16384, 65536)) -> None:
+    """The compressed kernel's second pass fused (one kernel) or as a kernel of its own, over launch settings;
+    where pass 2's time goes (--previous's compressed_exp.py: the same pass with parts left out); the
+    fastest over both lengths becomes the default for the sections after this one."""
+    from triton.testing import do_bench
+
+    cbs, st, sbs = NSA["compress_block_size"], NSA["compress_block_sliding_stride"], NSA["selection_block_size"]
+    bench = lambda fn: do_bench(fn, warmup=50, rep=300, return_mode="median")  # noqa: E731
+    fused = dict(compressed_kernel.DEFAULTS, split=False)
+    cfgs = [fused, dict(fused, reshape_map=False)]
+    for r2, n2, w2, s2, rmap in ((256, 32, 8, 3, True), (256, 32, 8, 3, False), (256, 64, 8, 3, True),
+                                 (256, 16, 8, 3, True), (128, 32, 4, 4, True), (512, 32, 8, 3, True)):
+        cfgs.append(dict(fused, split=True, rows2=r2, block_n2=n2, num_warps2=w2, num_stages2=s2, reshape_map=rmap))
+    best: dict = {}
+    for L in lengths:
+        q, k, v = inputs(L)
+        kc, vc = compress_kv(k, cbs, st), compress_kv(v, cbs, st)
+        with torch.no_grad():
+            ref_out, ref_imp = compressed_kernel.compressed_attention_triton(
+                q, kc, vc, cbs, st, causal=True, selection_block_size=sbs, num_keys=L, **fused)
+            for cfg in cfgs:
+                def one(cfg=cfg):
+                    run = lambda: compressed_kernel.compressed_attention_triton(  # noqa: E731
+                        q, kc, vc, cbs, st, causal=True, selection_block_size=sbs, num_keys=L, **cfg)
+                    out, imp = run()
+                    ms = bench(run)
+                    best.setdefault(str(cfg), []).append(ms)
+                    return {"median_ms": ms, "out_equal_to_fused": bool(torch.equal(out, ref_out)),
+                            "imp_max_rel_to_fused": ((imp - ref_imp).abs().max() / ref_imp.abs().max()).item()}
+                rec.guard("tune_split", {"L": L, **cfg}, one)
+            rec.guard("tune_split", {"L": L, "what": "output only (pass 1)"}, lambda: {"median_ms": bench(
+                lambda: compressed_kernel.compressed_attention_triton(q, kc, vc, cbs, st, causal=True))})
+            exp = PREVIOUS.get("compressed_exp")
+            if exp is not None:
+                names = ("pass 2 whole", "no atomic add per tile (one at the end)", "no mapping product, no atomics",
+                         "no group sum either (row sums of the weights)", "no exponentials either (row sums of QK^T)")
+                for mode, name in enumerate(names):
+                    rec.guard("tune_split", {"L": L, "what": f"split, pass 2 parts: {name}", "mode": mode},
+                              lambda mode=mode: {"median_ms": bench(lambda: exp.compressed_attention_triton(
+                                  q, kc, vc, cbs, st, causal=True, selection_block_size=sbs, num_keys=L,
+                                  split=True, mode=mode))})
+        q = k = v = kc = vc = ref_out = ref_imp = None
+        torch.cuda.empty_cache()
+    import ast
+
+    every = {c: sum(t) for c, t in best.items() if len(t) == len(lengths)}
+    if every:
+        cfg = ast.literal_eval(min(every, key=every.get))
+        compressed_kernel.DEFAULTS.update(cfg)
+        rec.results.setdefault("tiles_defaults", {})["compressed"] = cfg
+        rec.record("tune_split", {"chosen": cfg, "total_ms": every[str(cfg)], "fused_total_ms": every.get(str(fused))})
+
+
+def whole(rec: Recorder, lengths=(16384, 65536)) -> None:
+    """Whole nsa_attention against SDPA cuDNN and flash in one process, now and with --previous's kernels,
+    and the compressed kernel now and before (the stage that changed)."""
+    cbs, st, sbs = NSA["compress_block_size"], NSA["compress_block_sliding_stride"], NSA["selection_block_size"]
+    for L in lengths:
+        q, k, v = inputs(L)
+        lab = {"L": L, "dtype": "bfloat16"}
+        nsa = lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA)  # noqa: E731
         with torch.no_grad():
             for name, run in PINNED_DENSE.items():
-                rec.guard("tiles_nsa", {**lab, "stage": name}, lambda run=run: timed(lambda: run(q, k, v)))
-            rec.guard("tiles_nsa", {**lab, "stage": "nsa (now)"},
-                      lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=9))
-            if len(PREVIOUS) == 2:
-                saved = selected_kernel.selected_block_attention_triton, compressed_kernel.compressed_attention_triton
-                selected_kernel.selected_block_attention_triton = PREVIOUS["selected_prev"].selected_block_attention_triton
-                compressed_kernel.compressed_attention_triton = PREVIOUS["compressed_prev"].compressed_attention_triton
-                try:
-                    rec.guard("tiles_nsa", {**lab, "stage": "nsa (before: run 13's kernels)"},
-                              lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=9))
-                finally:
-                    selected_kernel.selected_block_attention_triton, compressed_kernel.compressed_attention_triton = saved
-            rec.guard("tiles_nsa", {**lab, "stage": "nsa (now, again)"},
-                      lambda: timed(lambda: nsa_attention(q, k, v, gates=EQUAL_GATES, **NSA), min_runs=9))
-            rec.guard("tiles_nsa", {**lab, "stage": "dense (cudnn), again"},
+                rec.guard("whole", {**lab, "stage": name}, lambda run=run: timed(lambda: run(q, k, v)))
+            rec.guard("whole", {**lab, "stage": "nsa (now)", "compressed": dict(compressed_kernel.DEFAULTS)},
+                      lambda: timed(nsa, min_runs=9))
+            if {"selected_prev", "compressed_prev"} <= PREVIOUS.keys():
+                with previous_kernels():
+                    rec.guard("whole", {**lab, "stage": "nsa (before: --previous kernels)"},
+                              lambda: timed(nsa, min_runs=9))
+            rec.guard("whole", {**lab, "stage": "nsa (now, again)"}, lambda: timed(nsa, min_runs=9))
+            rec.guard("whole", {**lab, "stage": "dense (cudnn), again"},
                       lambda: timed(lambda: PINNED_DENSE["dense (cudnn)"](q, k, v)))
             kc, vc = compress_kv(k, cbs, st), compress_kv(v, cbs, st)
-            rec.guard("tiles_nsa", {**lab, "stage": "compress_kv (k and v)"},
-                      lambda: timed(lambda: (compress_kv(k, cbs, st), compress_kv(v, cbs, st))))
-            rec.guard("tiles_nsa", {**lab, "stage": "compressed kernel (out + importance)"},
+            rec.guard("whole", {**lab, "stage": "compressed kernel (out + importance)"},
                       lambda: timed(lambda: compressed_kernel.compressed_attention_triton(
                           q, kc, vc, cbs, st, causal=True, selection_block_size=sbs, num_keys=L)))
-            out_cmp, imp = compressed_kernel.compressed_attention_triton(q, kc, vc, cbs, st, causal=True,
-                                                                         selection_block_size=sbs, num_keys=L)
-            rec.guard("tiles_nsa", {**lab, "stage": "select_blocks (fused)"},
-                      lambda: timed(lambda: select_blocks(imp, S, sbs, causal=True)))
-            idx = select_blocks(imp, S, sbs, causal=True)
-            rec.guard("tiles_nsa", {**lab, "stage": "selected kernel"},
-                      lambda: timed(lambda: selected_block_attention_triton(q, k, v, idx, sbs, causal=True)))
-            out_sel = selected_block_attention_triton(q, k, v, idx, sbs, causal=True)
-            rec.guard("tiles_nsa", {**lab, "stage": "sliding: FlexAttention"},
-                      lambda: timed(lambda: sliding_window_attention(q, k, v, win, causal=True, scale=scale)))
-            out_win = sliding_window_attention(q, k, v, win, causal=True, scale=scale)
-            rec.guard("tiles_nsa", {**lab, "stage": "gates: one Triton pass"},
-                      lambda: timed(lambda: gate_combine.gate_combine_triton(out_cmp, out_sel, out_win, g)))
-            rec.results["flex_fallbacks"] = [str(key) for key in sliding_flex._failed]
-        q = k = v = kc = vc = imp = idx = out_cmp = out_sel = out_win = g = None
+            if "compressed_prev" in PREVIOUS:
+                prev_cmp = PREVIOUS["compressed_prev"].compressed_attention_triton
+                rec.guard("whole", {**lab, "stage": "compressed kernel (before: --previous)"},
+                          lambda: timed(lambda: prev_cmp(q, kc, vc, cbs, st, causal=True, selection_block_size=sbs,
+                                                         num_keys=L)))
+        q = k = v = kc = vc = None
         torch.cuda.empty_cache()
 
 
@@ -991,11 +1130,12 @@ RUNS = {"check_dense": check_dense, "ceilings": ceilings, "sliding_mask": slidin
         "correctness_compressed": correctness_compressed, "correctness_select_sliding": correctness_select_sliding,
         "tune_compressed": tune_compressed, "tune_compressed_fp32": tune_compressed_fp32, "tune_select": tune_select,
         "topk": topk_table, "nsa": nsa_table, "stages": stages,
-        "peers": peers, "correctness_tiles": correctness_tiles, "tune_tiles": tune_tiles, "tiles_nsa": tiles_nsa}  # tune_selected and selected pass the tuned launch along (see main)
+        "peers": peers, "correctness_tiles": correctness_tiles, "tune_tiles": tune_tiles, "levers": levers,
+        "tune_split": tune_split, "whole": whole}  # tune_selected and selected pass the tuned launch along (see main)
 SECTIONS = ("check_dense", "ceilings", "correctness_selected", "correctness_topk", "correctness_compressed",
             "correctness_select_sliding", "tune_selected", "tune_compressed", "tune_compressed_fp32", "tune_select",
             "selected", "topk", "nsa", "stages", "peers", "sliding_mask", "float32", "correctness_tiles",
-            "tune_tiles", "tiles_nsa")
+            "tune_tiles", "levers", "tune_split", "whole")
 
 
 def main(argv: list[str] | None = None) -> int:

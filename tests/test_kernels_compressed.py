@@ -27,7 +27,7 @@ from tests.triton_interpreter import INTERPRETED, run_kernel_tests  # noqa: E402
 if not INTERPRETED:
 
     def test_compressed_kernel_under_triton_interpreter():
-        run_kernel_tests(__file__, min_passed=21)
+        run_kernel_tests(__file__, min_passed=26)
 
     def test_dispatch_stays_on_pytorch_off_cuda(monkeypatch):
         # On the CPU the kernel is never called: poison it and nsa_attention must still work.
@@ -40,6 +40,25 @@ if not INTERPRETED:
                                 compress_block_sliding_stride=4, selection_block_size=16, num_selected_blocks=3,
                                 causal=True)
         assert out.shape == (1, 4, 64, 16) and not out.isnan().any()
+
+
+if torch.cuda.is_available() and not INTERPRETED:
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_cuda_split_second_pass_matches_fused(dtype):
+        # The same pass 2 from the stored row max and sum: the output bit for bit, the importance to the
+        # rounding of the tf32 mapping product (other tiles of compressed blocks sum in another order).
+        q = torch.randn(1, 16, 3000, 64, device="cuda", dtype=dtype)
+        k, v = (torch.randn(1, 1, 3000, 64, device="cuda", dtype=dtype) for _ in range(2))
+        kc, vc = nsa.compress_kv(k, 32, 16), nsa.compress_kv(v, 32, 16)
+        kw = dict(causal=True, selection_block_size=64, num_keys=3000)
+        out, imp = cmp.compressed_attention_triton(q, kc, vc, 32, 16, split=False, **kw)
+        out2, imp2 = cmp.compressed_attention_triton(q, kc, vc, 32, 16, split=True, rows2=128, block_n2=32, **kw)
+        assert torch.equal(out, out2) and not imp2.isnan().any()
+        assert ((imp2 - imp).abs().max() / imp.abs().max()).item() < 1e-3
+        assert torch.equal(imp > 0, imp2 > 0)
+        _, ref_imp = reference(q.cpu(), k.cpu(), v.cpu(), 32, 16, 64, True)
+        assert rel_err(imp2.cpu(), ref_imp) < 1e-2
 
 
 def reference(q, k, v, cbs, stride, sbs, causal, scale=None):
@@ -86,22 +105,29 @@ if INTERPRETED:
         # Zero exactly where no visible compressed block overlaps: select_blocks reads 0 as "not eligible".
         assert torch.equal(imp > 0, ref_imp > 0)
 
-    @pytest.mark.parametrize("rows,block_n", [(16, 16), (64, 32), (256, 64)])
-    def test_kernel_launch_settings_do_not_change_results(rows, block_n):
-        q, k, v = torch.randn(1, 4, 50, 16), torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16)
-        ref_out, ref_imp = reference(q, k, v, 8, 4, 16, True)
-        out, imp = run_kernel(q, k, v, 8, 4, 16, True, rows=rows, block_n=block_n)
+    @pytest.mark.parametrize("rows,block_n,causal", [(32, 16, True), (64, 32, True), (256, 64, True),
+                                                     (64, 16, False)])
+    def test_kernel_launch_settings_do_not_change_results(rows, block_n, causal):
+        # 59 compressed blocks: later programs see whole tiles, which run without masks.
+        q, k, v = torch.randn(1, 4, 120, 16), torch.randn(1, 2, 120, 16), torch.randn(1, 2, 120, 16)
+        ref_out, ref_imp = reference(q, k, v, 4, 2, 8, causal)
+        out, imp = run_kernel(q, k, v, 4, 2, 8, causal, rows=rows, block_n=block_n)
         assert rel_err(out, ref_out) < 1e-5 and rel_err(imp, ref_imp) < 1e-5
+        assert torch.equal(imp > 0, ref_imp > 0)
 
     @pytest.mark.parametrize("case", CASES[:4])
-    @pytest.mark.parametrize("sum_first", [True, False])
-    def test_kernel_group_sum_before_or_after_the_map(case, sum_first):
+    @pytest.mark.parametrize("sum_first,split,reshape_map", [(True, False, False), (False, True, False),
+                                                             (True, True, True)])
+    def test_kernel_group_sum_split_and_map(case, sum_first, split, reshape_map):
         # rows=128 puts at least 16 query positions in a program, so sum_first really sums the group's
-        # weights before the mapping product (the other order is the one for narrower programs).
+        # weights before the mapping product (the other order is the one for narrower programs). split runs
+        # pass 2 as its own kernel, here with other tiles than pass 1 (from the stored row max and sum).
+        # reshape_map=False keeps the mapping product where the reshape would apply (CASES 0 and 2).
         B, H, Hkv, Lq, Lk, D, Dv, cbs, st, sbs, causal, bn = case
         q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, Dv)
         ref_out, ref_imp = reference(q, k, v, cbs, st, sbs, causal)
-        out, imp = run_kernel(q, k, v, cbs, st, sbs, causal, block_n=bn, rows=128, sum_first=sum_first)
+        out, imp = run_kernel(q, k, v, cbs, st, sbs, causal, block_n=bn, rows=128, sum_first=sum_first,
+                              split=split, rows2=64, block_n2=2 * bn, reshape_map=reshape_map)
         assert rel_err(out, ref_out) < 1e-5 and rel_err(imp, ref_imp) < 1e-5
         assert torch.equal(imp > 0, ref_imp > 0)
 
