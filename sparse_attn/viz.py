@@ -31,7 +31,8 @@ MAX_TOKEN_LABELS = 48   # per side, up to which tokens label the axes
 LOG_FLOOR = 1e-6        # log colour scale: weights below this (and zeros) show as this
 DIFF_FLOOR = 1e-3       # difference maps: the colour scale spans at least +-this, so rounding noise shows white
 SEQUENTIAL = "Viridis"
-DIVERGING = "RdBu_r"
+# Spelled out: plotly.py knows the "_r" names, plotly.js does not, and the app sends plain dicts to plotly.js.
+DIVERGING = plotly.colors.get_colorscale("RdBu_r")
 
 
 class Pooled(NamedTuple):
@@ -95,9 +96,15 @@ def pool_cells(x: torch.Tensor, step_q: int, step_k: int, mode: str, *, signed: 
 # builders below assemble plain dicts (the same layout make_subplots makes) and wrap them once, unvalidated;
 # the tests rebuild every figure with validation on, so a misspelled property still fails there.
 
-def _figure(data: list[dict], layout: dict, grid: tuple[int, int] | None = None) -> go.Figure:
+def _figure(data: list[dict], layout: dict, grid: tuple[int, int] | None = None, plain: bool = False):
     """The figure, unvalidated; ``grid`` (rows, cols) of a ``_subplots`` layout lets callers address panels by
-    row and column (``fig.update_xaxes(..., row=1)``), as on a figure from ``make_subplots``."""
+    row and column (``fig.update_xaxes(..., row=1)``), as on a figure from ``make_subplots``.
+
+    ``plain``: the dict itself, for a caller that only sends it to plotly.js. Wrapping it still walks
+    plotly's object model (about 20 ms for the maps), and serialising the wrapper deep-copies every array.
+    """
+    if plain:
+        return {"data": data, "layout": layout}
     fig = go.Figure(dict(data=data, layout=layout), _validate=False)
     if grid is not None:
         from plotly._subplots import SubplotRef  # the record make_subplots keeps per panel
@@ -339,7 +346,7 @@ def _mask_traces(msk: Pooled, exact: Pooled | None, *, name: str, tokens, lang: 
 
 def attention_maps(dense, sparse, mask, *, diff=None, mask_exact=None, log: bool = False,
                    tokens: Sequence[str] | None = None, max_cells: int = MAX_CELLS, pool: str = "max",
-                   method_name: str | None = None, title: str | None = None, lang: str = "en") -> go.Figure:
+                   method_name: str | None = None, title: str | None = None, lang: str = "en", plain: bool = False):
     """Dense and sparse weights on one colour scale, the selection mask and the difference (sparse - dense).
 
     Each input is a (Lq, Lk) tensor or array (one head), or a ``Pooled`` from
@@ -351,7 +358,8 @@ def attention_maps(dense, sparse, mask, *, diff=None, mask_exact=None, log: bool
     splits the mask into not selected / sampled / top-k (exact).
 
     Traces: dense, sparse, difference, then for each mask category present
-    its heatmap and its legend entry (a marker-only scatter).
+    its heatmap and its legend entry (a marker-only scatter). ``plain``: the
+    figure as the plain dict plotly.js reads, not a ``go.Figure`` (for a server).
     """
     if diff is None:
         if isinstance(dense, Pooled) or isinstance(sparse, Pooled):
@@ -385,7 +393,7 @@ def attention_maps(dense, sparse, mask, *, diff=None, mask_exact=None, log: bool
         height=860, margin=dict(t=90, b=90),
     )
     _outer_titles(layout, _axes(d, tokens), 2, 2, lang)
-    return _figure(data, layout, grid=(2, 2))
+    return _figure(data, layout, grid=(2, 2), plain=plain)
 
 
 def _outer_titles(layout: dict, axes: tuple[dict, dict], rows: int, cols: int, lang: str, **y_extra) -> None:
@@ -400,11 +408,11 @@ def _outer_titles(layout: dict, axes: tuple[dict, dict], rows: int, cols: int, l
 
 
 def head_grid(weights, *, log: bool = False, max_cells: int = 128, pool: str = "max", cols: int = 4,
-              title: str | None = None, lang: str = "en") -> go.Figure:
+              title: str | None = None, lang: str = "en", plain: bool = False):
     """Small multiples: one map per head from ``weights`` (H, Lq, Lk) or a list of ``Pooled``; one colour scale.
 
     Each panel is square (its cells too) and has a few tick numbers; only the
-    outer panels carry axis titles.
+    outer panels carry axis titles. ``plain``: a plain dict, not a ``go.Figure``.
     """
     if isinstance(weights, (list, tuple)):
         w = list(weights)
@@ -437,7 +445,7 @@ def head_grid(weights, *, log: bool = False, max_cells: int = 128, pool: str = "
                        cmax=math.log10(max(top, LOG_FLOOR)) if log else top, colorbar=_colorbar(log)),
         height=290 * rows + 120, margin=dict(t=80, b=60),
     )
-    return _figure(data, layout, grid=(rows, cols))
+    return _figure(data, layout, grid=(rows, cols), plain=plain)
 
 
 # Sweep columns (sparse_attn.sweep.COLUMNS) a budget curve can show, and the catalog key of each one's axis label.

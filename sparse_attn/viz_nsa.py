@@ -286,7 +286,7 @@ def branch_metrics(maps, dense_weights: torch.Tensor, *, causal: bool, sliding_w
 
 def nsa_branch_maps(compressed, selected, sliding, combined, *, log: bool = False,
                     tokens: Sequence[str] | None = None, max_cells: int = MAX_CELLS, pool: str = "max",
-                    title: str | None = None, lang: str = "en") -> go.Figure:
+                    title: str | None = None, lang: str = "en", plain: bool = False):
     """NSA's three branches and their gated mix for one head, 2 x 2 on one colour scale.
 
     Each argument is a (Lq, Lk) tensor or array (``NSAMaps.compressed[b, h]``,
@@ -294,7 +294,7 @@ def nsa_branch_maps(compressed, selected, sliding, combined, *, log: bool = Fals
     block's weight evenly over the block's keys (mean pooling), so it is
     dim and everywhere; the selected and sliding maps are exact softmax rows
     over their keys; the mix is the gate-weighted sum, the map NSA computes.
-    With ``log`` the scale is log10 (zeros at ``LOG_FLOOR``).
+    With ``log`` the scale is log10 (zeros at ``LOG_FLOOR``). ``plain``: a plain dict, not a ``go.Figure``.
     """
     pooled = [pool_map(m, max_cells, pool) for m in (compressed, selected, sliding, combined)]
     if len({p.shape for p in pooled}) != 1 or len({(p.step_q, p.step_k) for p in pooled}) != 1:
@@ -312,7 +312,7 @@ def nsa_branch_maps(compressed, selected, sliding, combined, *, log: bool = Fals
         height=860, margin=dict(t=90, b=60),
     )
     _outer_titles(layout, _axes(pooled[0], tokens), 2, 2, lang)
-    return _figure(data, layout, grid=(2, 2))
+    return _figure(data, layout, grid=(2, 2), plain=plain)
 
 
 def _grid_note(grid: BlockGrid, lang: str) -> str:
@@ -324,12 +324,12 @@ def _grid_note(grid: BlockGrid, lang: str) -> str:
 
 
 def block_selection_map(grid: BlockGrid, *, tokens: Sequence[str] | None = None, title: str | None = None,
-                        lang: str = "en") -> go.Figure:
+                        lang: str = "en", plain: bool = False):
     """Which selection blocks each query took: not picked (grey), picked by importance (blue), forced (orange).
 
     One heatmap trace per kind present, so the legend names them and the
     hover says which kind a cell is: "query 40 → block 2: forced (importance 0)".
-    ``tokens`` name the queries (when there are few).
+    ``tokens`` name the queries (when there are few). ``plain``: a plain dict, not a ``go.Figure``.
     """
     if not isinstance(grid, BlockGrid):
         raise TypeError(f"grid must be a BlockGrid (see block_grid), got {type(grid).__name__}")
@@ -360,7 +360,7 @@ def block_selection_map(grid: BlockGrid, *, tokens: Sequence[str] | None = None,
         yaxis={**ya, "title": dict(text=t("viz.query_axis", lang))},
         legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, xanchor="left"),
         plot_bgcolor="white", height=560, margin=dict(t=110),
-    ))
+    ), plain=plain)
 
 
 def gate_mix(mix: RowMix, *, equal_gates: bool = False, title: str | None = None, lang: str = "en") -> go.Figure:

@@ -8,6 +8,7 @@ from sparse_attn.methods import METHODS, Config
 from sparse_attn.sources import Source, load, load_model
 from sparse_attn.sources.sentences import sentence
 from sparse_attn.ui.charts import elements as chart_elements
+from sparse_attn.ui.charts import spec as chart_spec
 from sparse_attn.viz_model import DENSE_COLOUR, DROPPED_COLOUR, LINE_FLOOR, OPACITY_STEP, line_view, overview
 
 TEXT = sentence("en_cat").text  # "The cat did not eat the fish because it was not hungry."
@@ -183,11 +184,10 @@ def test_panel_cache_and_render_under_apptest():
 
     at = AppTest.from_function(script, default_timeout=120).run()
     assert not at.exception, at.exception
-    specs = {c.proto.id: c.proto.bytes for c in chart_elements(at)}
+    specs = {c.proto.id: chart_spec(c) for c in chart_elements(at)}
     assert len(specs) == 2
-    import json
 
-    figs = [json.loads(raw)["figure"] for raw in specs.values()]
+    figs = list(specs.values())
     over, lines = sorted(figs, key=lambda f: -sum(tr["type"] == "heatmap" for tr in f["data"]))
     assert sum(tr["type"] == "heatmap" for tr in over["data"]) == 72
     assert "layer 3, head 1" in lines["layout"]["title"]["text"]

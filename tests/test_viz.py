@@ -1,10 +1,12 @@
 """viz: pooling that keeps what matters, one colour scale, labels in the reader's language."""
 import base64
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+import plotly.io as pio
 from hypothesis import given, settings, strategies as st
 
 from sparse_attn import viz
@@ -339,3 +341,59 @@ def test_panels_are_addressed_by_row_and_column_as_on_make_subplots():
     grid = viz.head_grid(torch.stack([dense] * 6), cols=4)
     grid.update_xaxes(range=[0, 3], row=2, col=2)
     assert list(grid.layout.xaxis6.range) == [0, 3] and grid.layout.xaxis5.range is None
+
+
+def _decoded(obj):
+    """A figure's JSON with every typed array ({dtype, bdata, shape}) turned back into a nested list, and unset
+    properties left out (plotly.js reads null, {} and a missing key alike: plotly's encoder writes any of them)."""
+    if isinstance(obj, dict):
+        if set(obj) >= {"dtype", "bdata"}:
+            a = np.frombuffer(base64.b64decode(obj["bdata"]), dtype=np.dtype(obj["dtype"]))
+            return a.reshape([int(n) for n in obj["shape"].split(",")] if "shape" in obj else -1).tolist()
+        out = {k: _decoded(v) for k, v in obj.items()}
+        return {k: v for k, v in out.items() if v is not None and v != {}}
+    if isinstance(obj, list):
+        return [_decoded(v) for v in obj]
+    return obj
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_plain_map_figures_encode_as_plotly_encodes_their_figures(lang):
+    """``plain=True`` skips plotly's object model, and ``chart_wire`` its encoder: the browser gets the same values."""
+    from sparse_attn import viz_nsa
+    from sparse_attn.ui import chart_wire
+
+    dense, sparse, mask = _maps(40)
+    grid = torch.stack([dense, sparse, dense.T])
+    blocks = viz_nsa.block_grid(torch.tensor([[0, 2], [1, 0]]), torch.tensor([[True, False], [False, True]]), 3, 4,
+                                importance=torch.rand(2, 3))
+    builders = [
+        lambda **kw: viz.attention_maps(dense, sparse, mask, log=True, lang=lang, **kw),
+        lambda **kw: viz.attention_maps(dense, sparse, mask, mask_exact=mask & (dense > dense.mean()), lang=lang, **kw),
+        lambda **kw: viz.head_grid(grid, lang=lang, **kw),
+        lambda **kw: viz_nsa.nsa_branch_maps(dense, sparse, dense, sparse, lang=lang, **kw),
+        lambda **kw: viz_nsa.block_selection_map(blocks, lang=lang, **kw),
+    ]
+    for build in builders:
+        plain = build(plain=True)
+        assert isinstance(plain, dict) and set(plain) == {"data", "layout"}
+        want = json.loads(pio.to_json(build(), validate=False))
+        payload = chart_wire.pack(plain, config={"displaylogo": False}, failed="x")
+        assert len(payload) % 8 == 0 and chart_wire.unpack(payload)["config"] == {"displaylogo": False}
+        got = chart_wire.unpack(payload)["figure"]
+        np.testing.assert_equal(_decoded(got), _decoded(want))  # NaN (a gap) equals NaN here
+
+
+def test_the_wire_carries_a_plotly_figure_and_a_dict_with_a_gap_as_plotly_json():
+    """What ``chart_wire`` cannot split (a ``go.Figure``; a NaN in a list, which JSON lacks) goes as plotly's JSON."""
+    import plotly.graph_objects as go
+
+    from sparse_attn.ui import chart_wire
+
+    fig = go.Figure(go.Scatter(x=[1, 2, 3], y=np.array([1.0, 2.5, 4.0])))
+    head = chart_wire.unpack(chart_wire.pack(fig, config={}, failed="x"))
+    assert head["blobs"] == [] and _decoded(head["figure"])["data"][0]["y"] == [1.0, 2.5, 4.0]
+    gap = {"data": [{"type": "scatter", "y": [1.0, float("nan")], "z": np.ones((2, 2), np.float32)}], "layout": {}}
+    head = chart_wire.unpack(chart_wire.pack(gap, config={}, failed="x"))
+    assert head["blobs"] == [] and head["figure"]["data"][0]["y"] == [1.0, None]  # plotly writes null
+    assert _decoded(head["figure"])["data"][0]["z"] == [[1.0, 1.0], [1.0, 1.0]]

@@ -13,18 +13,18 @@ no browser of its own and holds no export lock for a classroom to queue behind.
 """
 from __future__ import annotations
 
-import json
 import os
 import weakref
 from pathlib import Path
 
 import plotly
-import plotly.io as pio
 import streamlit as st
 from streamlit.components.v2.get_bidi_component_manager import get_bidi_component_manager
 from streamlit.errors import StreamlitAPIException
 
 from sparse_attn.i18n import t
+
+from . import chart_wire
 
 PNG_SCALE = 2  # twice the on-screen pixels: sharp in slides and handouts
 ASSETS = Path(__file__).with_name("plot_assets")
@@ -72,12 +72,11 @@ def config(filename: str) -> dict:
 def show(fig, key: str, *, filename: str | None = None, container=None) -> None:
     """Draw ``fig`` under the Streamlit ``key``; its camera button saves ``filename``.png (default: the key)."""
     lang = st.session_state.get("lang", "en")
-    # Bytes, not a dict: a dict would be JSON-encoded again (the figure escaped as one long string), and
-    # Streamlit would parse and re-sort that JSON to hash it. The figure's own JSON is spliced in as is.
-    payload = (f'{{"config": {json.dumps(config(filename or key))}, "failed": {json.dumps(t("chart.failed", lang))}, '
-               f'"figure": {pio.to_json(fig, validate=False)}}}')
+    # Bytes (``chart_wire``), not a dict: a dict would be JSON-encoded again and then parsed and re-sorted by
+    # Streamlit to hash it; and the arrays go raw, which the websocket's deflate compresses far better.
+    payload = chart_wire.pack(fig, config=config(filename or key), failed=t("chart.failed", lang))
     with container if container is not None else st.container():
-        _component()(key=key, data=payload.encode())
+        _component()(key=key, data=payload)
 
 
 def elements(at) -> list:
@@ -88,7 +87,7 @@ def elements(at) -> list:
 def spec(element) -> dict:
     """The figure a chart element carries (an AppTest element, or a ``BidiComponent`` proto from the socket)."""
     proto = getattr(element, "proto", element)
-    return json.loads(proto.bytes)["figure"]
+    return chart_wire.unpack(proto.bytes)["figure"]
 
 
 def save_hint(lang: str, container=None) -> None:

@@ -78,7 +78,7 @@ def _panel(s: dict, lang: str) -> None:
     fig = viz.attention_maps(maps["dense"], maps["sparse"], maps["mask"], diff=maps["diff"], log=ss["log"],
                              mask_exact=maps.get("exact"),
                              tokens=data["tokens"], method_name=t(f"method.{s['method']}", lang),
-                             title=t("viz.maps_title_head", lang, h=view["head"]), lang=lang)
+                             title=t("viz.maps_title_head", lang, h=view["head"]), lang=lang, plain=True)
     left, right = st.columns([3, 1])
     charts.show(fig, "maps_chart", filename="attention_maps", container=left)
     guide.note("maps", lang, left)
@@ -103,7 +103,8 @@ def _panel(s: dict, lang: str) -> None:
         model_panel.render(s, lang)
     table = metrics_table(data, lang)
     st.subheader(t("maps.heads", lang))
-    charts.show(viz.head_grid(view["grid"], log=ss["log"], lang=lang), "grid_chart", filename="attention_heads")
+    charts.show(viz.head_grid(view["grid"], log=ss["log"], lang=lang, plain=True), "grid_chart",
+                filename="attention_heads")
     guide.note("heads", lang)
     st.dataframe(table, hide_index=True)
     summary = pd.DataFrame([{t(f"metric.{k}", lang): v for k, v in m.items()}])

@@ -154,7 +154,7 @@ def render(data: dict, *, head: int, pool: str, log: bool, tokens, lang: str) ->
                   cmp=cfg["compress_block_size"]))
 
     _chart(viz_nsa.nsa_branch_maps(*pooled_maps(data, head, pool), log=log, tokens=tokens,
-                                   title=t("nsa.maps_title_head", lang, h=head), lang=lang), "nsa_branches")
+                                   title=t("nsa.maps_title_head", lang, h=head), lang=lang, plain=True), "nsa_branches")
     guide.note("nsa_branches", lang)
 
     table = metrics_table(data, head, lang)
@@ -164,8 +164,8 @@ def render(data: dict, *, head: int, pool: str, log: bool, tokens, lang: str) ->
     st.caption(t("nsa.table_note", lang, h=head))
 
     grid = selection_grid(data, head)
-    _chart(viz_nsa.block_selection_map(grid, tokens=tokens, title=t("nsa.blocks_title_head", lang, h=head), lang=lang),
-           "nsa_blocks")
+    _chart(viz_nsa.block_selection_map(grid, tokens=tokens, title=t("nsa.blocks_title_head", lang, h=head), lang=lang,
+                                       plain=True), "nsa_blocks")
     guide.note("nsa_blocks", lang)
     if cfg["selection_heads"] < H:
         st.caption(t("nsa.blocks_shared", lang, g=H // cfg["selection_heads"]))

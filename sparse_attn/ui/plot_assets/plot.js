@@ -13,6 +13,32 @@ function loadPlotly() {
   return plotlyReady.then(() => window.Plotly);
 }
 
+// ``chart_wire.pack``'s bytes: uint32 n, n bytes of JSON {config, failed, blobs, figure}, then the blobs, each
+// from an 8-byte boundary. An array in the figure, {dtype, blob, shape}, becomes plotly.js's typed-array
+// record with its own ArrayBuffer (plotly.js reads typed arrays from offset 0 of their buffer).
+function unpack(bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const n = view.getUint32(0, true);
+  const head = JSON.parse(new TextDecoder().decode(bytes.subarray(4, 4 + n)));
+  const pad = (k) => (8 - (k % 8)) % 8;
+  let at = 4 + n + pad(4 + n);
+  const blobs = head.blobs.map((length) => {
+    const start = bytes.byteOffset + at;
+    at += length + pad(length);
+    return bytes.buffer.slice(start, start + length);
+  });
+  const join = (obj) => {
+    if (Array.isArray(obj)) return obj.map(join);
+    if (obj === null || typeof obj !== "object") return obj;
+    if ("blob" in obj && "dtype" in obj) return { dtype: obj.dtype, bdata: blobs[obj.blob], shape: obj.shape };
+    const out = {};
+    for (const [k, v] of Object.entries(obj)) out[k] = join(v);
+    return out;
+  };
+  head.figure = join(head.figure);
+  return head;
+}
+
 export default function (component) {
   const { data, parentElement } = component;
   let el = parentElement.querySelector(":scope > .sa-plot");
@@ -26,9 +52,8 @@ export default function (component) {
     });
     el.saResize.observe(el);
   }
-  // ``data`` is the UTF-8 JSON of {config, failed, figure}. Only the newest figure is drawn: a rerun
-  // that lands while plotly.js loads replaces the one before it.
-  const chart = JSON.parse(new TextDecoder().decode(data));
+  // Only the newest figure is drawn: a rerun that lands while plotly.js loads replaces the one before it.
+  const chart = unpack(data);
   el.saChart = chart;
   loadPlotly()
     .then((Plotly) => {
