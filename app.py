@@ -2,9 +2,10 @@
 import streamlit as st
 
 from sparse_attn.i18n import t
-from sparse_attn.ui import budget, explainer, generate, lessons, maps, sidebar, speed, state
+from sparse_attn.ui import budget, explainer, generate, heap, lessons, maps, sidebar, speed, state
 
 st.set_page_config(page_title="sparse-attn", page_icon="🔍", layout="wide")
+heap.start_trimming()  # a server's memory falls back after its students leave
 state.init_state()
 settings = sidebar.render()
 lang = state.lang()
