@@ -5,7 +5,7 @@ from sparse_attn.i18n import t
 from sparse_attn.ui import budget, explainer, generate, heap, lessons, maps, sidebar, speed, state
 
 st.set_page_config(page_title="sparse-attn", page_icon="🔍", layout="wide")
-heap.start_trimming()  # a server's memory falls back after its students leave
+heap.start_trimming()  # once the students leave, the server gives its freed memory back
 state.init_state()
 settings = sidebar.render()
 lang = state.lang()

@@ -23,6 +23,9 @@ def test_trimming_starts_one_thread_per_process(monkeypatch):
     assert heap.start_trimming(period_s=0.01) and heap.start_trimming(period_s=0.01)
     assert threading.active_count() == before + 1  # the second call started nothing
     assert done.wait(5) and calls[0] == 0  # malloc_trim(0): keep no padding at the top of the heap
+    n = len(calls)
+    threading.Event().wait(0.1)
+    assert len(calls) == n  # idle since that trim: no second one until another run
     assert heap._thread.daemon and heap._thread.name == "sparse-attn-heap-trim"
     heap._stop.set()
     heap._thread.join(5)
