@@ -31,7 +31,7 @@ from sparse_attn.kernels import block_select
 from sparse_attn.kernels import compressed as compressed_kernel
 from sparse_attn.kernels import gate_combine
 from sparse_attn.kernels import selected_block as selected_kernel
-from sparse_attn.kernels import sliding_flex
+from sparse_attn.kernels import sliding_band, sliding_flex
 from sparse_attn.kernels.dispatch import reference_only
 from sparse_attn.kernels.selected_block import selected_block_attention_triton
 from sparse_attn.kernels.topk_fused import fused_topk_attention, fused_topk_select
@@ -456,14 +456,30 @@ def compressed_dtypes(dtypes):
 
 @contextlib.contextmanager
 def previous_kernels():
-    """The selected and compressed kernels of --previous in place of today's, inside nsa_attention."""
-    saved = selected_kernel.selected_block_attention_triton, compressed_kernel.compressed_attention_triton
+    """The selected and compressed kernels of --previous in place of today's, inside nsa_attention, and the
+    gated sum as its own pass, and the window through FlexAttention (as before run 23)."""
+    saved = (selected_kernel.selected_block_attention_triton, compressed_kernel.compressed_attention_triton,
+             nsa_module._selected_gated, sliding_band.ENABLED)
     selected_kernel.selected_block_attention_triton = PREVIOUS["selected_prev"].selected_block_attention_triton
     compressed_kernel.compressed_attention_triton = PREVIOUS["compressed_prev"].compressed_attention_triton
+    nsa_module._selected_gated = lambda *a, **k: None
+    sliding_band.ENABLED = False
     try:
         yield
     finally:
-        selected_kernel.selected_block_attention_triton, compressed_kernel.compressed_attention_triton = saved
+        (selected_kernel.selected_block_attention_triton, compressed_kernel.compressed_attention_triton,
+         nsa_module._selected_gated, sliding_band.ENABLED) = saved
+
+
+@contextlib.contextmanager
+def window_through_flex():
+    """The window through FlexAttention instead of the band kernel (sliding_window_attention's dispatch)."""
+    saved = sliding_band.ENABLED
+    sliding_band.ENABLED = False
+    try:
+        yield
+    finally:
+        sliding_band.ENABLED = saved
 
 
 @contextlib.contextmanager
@@ -533,8 +549,11 @@ def stages(rec: Recorder, lengths=(16384, 65536)) -> None:
             rec.guard("stages", {**lab, "stage": "selected kernel"},
                       lambda: timed(lambda: selected_block_attention_triton(q, k, v, idx, sbs, causal=True)))
             out_sel = selected_block_attention_triton(q, k, v, idx, sbs, causal=True)
-            rec.guard("stages", {**lab, "stage": "sliding: FlexAttention (now)"},
+            rec.guard("stages", {**lab, "stage": "sliding: band kernel (now)"},
                       lambda: timed(lambda: sliding_window_attention(q, k, v, win, causal=True, scale=scale)))
+            with window_through_flex():
+                rec.guard("stages", {**lab, "stage": "sliding: FlexAttention (run 22)"},
+                          lambda: timed(lambda: sliding_window_attention(q, k, v, win, causal=True, scale=scale)))
             with reference_only():
                 rec.guard("stages", {**lab, "stage": "sliding: chunked SDPA (run 11)"},
                           lambda: timed(lambda: sliding_window_attention(q, k, v, win, causal=True, scale=scale)))
@@ -646,7 +665,7 @@ def peers(rec: Recorder, lengths=(16384, 65536)) -> None:
         for name, run in PINNED_DENSE.items():
             rec.guard("peers_correctness", {"L": L, "variant": name}, lambda run=run: {"rel_err": rel(run(q, k, v), ref)})
         ref = sliding_window_attention(qd, kd, vd, win, causal=True)
-        rec.guard("peers_correctness", {"L": L, "variant": "sliding: ours (FlexAttention dispatch)"},
+        rec.guard("peers_correctness", {"L": L, "variant": "sliding: ours (dispatch: band kernel)"},
                   lambda: {"rel_err": rel(sliding_window_attention(q, k, v, win, causal=True), ref)})
         rec.guard("peers_correctness", {"L": L, "variant": "sliding: FlexAttention direct"},
                   lambda: {"rel_err": rel(_flex_direct(L, win)(q, k, v), ref)})
@@ -692,7 +711,7 @@ def peers(rec: Recorder, lengths=(16384, 65536)) -> None:
         with torch.no_grad():
             for name, run in PINNED_DENSE.items():
                 rec.guard("peers", {**lab, "stage": "dense", "variant": name}, lambda run=run: timed(lambda: run(q, k, v)))
-            rec.guard("peers", {**lab, "stage": "sliding 512", "variant": "ours (FlexAttention dispatch)"},
+            rec.guard("peers", {**lab, "stage": "sliding 512", "variant": "ours (dispatch: band kernel)"},
                       lambda: timed(lambda: sliding_window_attention(q, k, v, win, causal=True)))
             flex = _flex_direct(L, win)
             rec.guard("peers", {**lab, "stage": "sliding 512", "variant": "FlexAttention direct"},
@@ -1088,6 +1107,9 @@ def whole(rec: Recorder, lengths=(16384, 65536)) -> None:
                     rec.guard("whole", {**lab, "stage": "nsa (before: --previous kernels)"},
                               lambda: timed(nsa, min_runs=9))
             rec.guard("whole", {**lab, "stage": "nsa (now, again)"}, lambda: timed(nsa, min_runs=9))
+            with window_through_flex():
+                rec.guard("whole", {**lab, "stage": "nsa (now, window through FlexAttention)"},
+                          lambda: timed(nsa, min_runs=9))
             rec.guard("whole", {**lab, "stage": "dense (cudnn), again"},
                       lambda: timed(lambda: PINNED_DENSE["dense (cudnn)"](q, k, v)))
             kc, vc = compress_kv(k, cbs, st), compress_kv(v, cbs, st)
@@ -1101,6 +1123,156 @@ def whole(rec: Recorder, lengths=(16384, 65536)) -> None:
                                                          num_keys=L)))
         q = k = v = kc = vc = None
         torch.cuda.empty_cache()
+
+
+def levers23(rec: Recorder, lengths=(16384, 65536)) -> None:
+    """Run 23's changes one at a time, each against the code without it in the same process: pass 2 of the
+    compressed kernel transposed (the group sum inside each thread), the window as our band kernel against
+    FlexAttention, and the gated sum in the selected kernel's store; GPU correctness of each. (Call 1 of run 23 also timed FlexAttention's
+    ROWS_GUARANTEED_SAFE for the window: NaN, see docs/benchmarks.md; dropped.)"""
+    from triton.testing import do_bench
+
+    cbs, st, sbs = NSA["compress_block_size"], NSA["compress_block_sliding_stride"], NSA["selection_block_size"]
+    win, scale = NSA["sliding_window_size"], D ** -0.5
+    bench = lambda fn: do_bench(fn, warmup=50, rep=300, return_mode="median")  # noqa: E731
+    # Correctness at 4096 against float64: the gated selected kernel (output poisoned first) and pass 2 transposed.
+    L = 4096
+    q, k, v = inputs(L)
+    idx, _ = _nsa_indices(q, k, v)
+    gates = torch.rand(B, H, L, 3, device="cuda", dtype=q.dtype)
+    oc, ow = torch.randn_like(q), torch.randn_like(q)
+    with torch.no_grad():
+        ref = selected_block_attention(q.double(), k.double(), v.double(), idx, sbs, causal=True)
+        gd = gates.double()
+        ref = gd[..., 0:1] * oc.double() + gd[..., 1:2] * ref + gd[..., 2:3] * ow.double()
+        for queries in (1, 4):
+            out = torch.full_like(q, float("nan"))
+            out.copy_(selected_block_attention_triton(q, k, v, idx, sbs, causal=True, queries=queries,
+                                                      gated=(oc, ow, gates)))
+            err = rel(out, ref)
+            rec.record("levers23_correctness", {"what": "selected kernel, gated sum in the store", "L": L,
+                                                "queries": queries, "rel_err": err, "nan": bool(out.isnan().any()),
+                                                "pass": err < 1e-2 and not bool(out.isnan().any())})
+        ref_out, ref_imp = _compressed_reference(q, k, v, cbs, st, sbs, True, scale)
+        kc, vc = compress_kv(k, cbs, st), compress_kv(v, cbs, st)
+        for t2 in (True, False):
+            out, imp = compressed_kernel.compressed_attention_triton(q, kc, vc, cbs, st, causal=True,
+                                                                     selection_block_size=sbs, num_keys=L,
+                                                                     transpose2=t2)
+            row = {"what": "compressed kernel", "transpose2": t2, "L": L, "out_rel_err": rel(out, ref_out),
+                   "imp_rel_err": rel(imp, ref_imp), "zero_pattern_same": bool(((imp > 0) == (ref_imp > 0)).all()),
+                   "nan": bool(out.isnan().any() or imp.isnan().any())}
+            row["pass"] = row["out_rel_err"] < 1e-2 and row["imp_rel_err"] < 1e-2 and row["zero_pattern_same"]
+            rec.record("levers23_correctness", row)
+        for causal in (True, False):
+            ref = sliding_window_attention(q.double(), k.double(), v.double(), win, causal=causal, scale=scale)
+            out = torch.full_like(q, float("nan"))
+            out.copy_(sliding_band.sliding_band_triton(q, k, v, win, causal=causal, scale=scale))
+            with window_through_flex():
+                flex_err = rel(sliding_window_attention(q, k, v, win, causal=causal, scale=scale), ref)
+            err = rel(out, ref)
+            rec.record("levers23_correctness", {"what": "sliding band kernel", "L": L, "window": win, "causal": causal,
+                                                "rel_err": err, "flex_rel_err": flex_err,
+                                                "nan": bool(out.isnan().any()),
+                                                "pass": err < 1e-2 and not bool(out.isnan().any())})
+    q = k = v = idx = gates = oc = ow = ref = ref_out = ref_imp = kc = vc = out = None
+    torch.cuda.empty_cache()
+    for L in lengths:
+        q, k, v = inputs(L)
+        kc, vc = compress_kv(k, cbs, st), compress_kv(v, cbs, st)
+        g = torch.full((B, H, L, 3), 1 / 3, device="cuda", dtype=q.dtype)
+        with torch.no_grad():
+            run = {t2: (lambda t2=t2: compressed_kernel.compressed_attention_triton(
+                q, kc, vc, cbs, st, causal=True, selection_block_size=sbs, num_keys=L, transpose2=t2))
+                for t2 in (True, False)}
+            out_t, imp_t = run[True]()
+            out_n, imp_n = run[False]()
+            cmp_row = {"out_equal": bool(torch.equal(out_t, out_n)),
+                       "imp_max_rel_diff": ((imp_t - imp_n).abs().max() / imp_n.abs().max()).item(),
+                       "zero_pattern_same": bool(torch.equal(imp_t > 0, imp_n > 0))}
+            out_t = imp_t = out_n = None
+            for t2 in (True, False, True):
+                rec.guard("levers23", {"L": L, "what": "compressed kernel", "transpose2": t2},
+                          lambda t2=t2: {"median_ms": bench(run[t2]), **cmp_row})
+            if "compressed_prev" in PREVIOUS:
+                prev = PREVIOUS["compressed_prev"].compressed_attention_triton
+                rec.guard("levers23", {"L": L, "what": "compressed kernel (before: --previous)"},
+                          lambda: {"median_ms": bench(lambda: prev(q, kc, vc, cbs, st, causal=True,
+                                                                   selection_block_size=sbs, num_keys=L))})
+            out_cmp, imp = run[True]()
+            idx = select_blocks(imp, NSA["num_selected_blocks"], sbs, causal=True)
+            imp = None
+            out_win = sliding_window_attention(q, k, v, win, causal=True, scale=scale)
+            with window_through_flex():
+                flex_win = sliding_window_attention(q, k, v, win, causal=True, scale=scale)
+            win_diff = {"max_abs_diff_band_vs_flex": (out_win.float() - flex_win.float()).abs().max().item(),
+                        "nan": bool(out_win.isnan().any())}
+            flex_win = None
+            band = lambda: sliding_band.sliding_band_triton(q, k, v, win, causal=True, scale=scale)  # noqa: E731
+            flexw = lambda: sliding_flex.sliding_window_flex(q, k, v, win, causal=True, scale=scale)  # noqa: E731
+            for name, fn in (("sliding: band kernel", band), ("sliding: FlexAttention", flexw),
+                             ("sliding: band kernel, again", band), ("sliding: FlexAttention, again", flexw)):
+                rec.guard("levers23", {"L": L, "what": name}, lambda fn=fn: {"median_ms": bench(fn), **win_diff})
+            for cfg in ({"rows": 256, "block_n": 64, "num_warps": 8, "num_stages": 2},
+                        {"rows": 256, "block_n": 128, "num_warps": 8, "num_stages": 2},
+                        {"rows": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}):
+                rec.guard("levers23", {"L": L, "what": "sliding: band kernel", **cfg}, lambda cfg=cfg: {
+                    "median_ms": bench(lambda: sliding_band.sliding_band_triton(q, k, v, win, causal=True,
+                                                                                 scale=scale, **cfg))})
+            sel = lambda: selected_block_attention_triton(q, k, v, idx, sbs, causal=True)  # noqa: E731
+            gated = lambda: selected_block_attention_triton(q, k, v, idx, sbs, causal=True,  # noqa: E731
+                                                            gated=(out_cmp, out_win, g))
+            apart = lambda: gate_combine.gate_combine_triton(out_cmp, sel(), out_win, g)  # noqa: E731
+            diff = (gated().float() - apart().float()).abs().max().item()
+            for name, fn in (("selected kernel alone", sel), ("selected kernel + gated sum pass", apart),
+                             ("selected kernel with the gated sum in its store", gated),
+                             ("selected kernel + gated sum pass, again", apart),
+                             ("selected kernel with the gated sum in its store, again", gated)):
+                rec.guard("levers23", {"L": L, "what": name}, lambda fn=fn: {"median_ms": bench(fn),
+                                                                            "max_abs_diff_gated_vs_apart": diff})
+        q = k = v = kc = vc = g = out_cmp = out_win = idx = None
+        torch.cuda.empty_cache()
+
+
+def tune_t2(rec: Recorder, lengths=(16384, 65536)) -> None:
+    """Launch settings of the transposed second pass (transpose2), the compressed kernel whole; each launch's
+    importance against the default's. The fastest over both lengths becomes the default for the sections
+    after this one if it gains more than 2%."""
+    from triton.testing import do_bench
+
+    cbs, st, sbs = NSA["compress_block_size"], NSA["compress_block_sliding_stride"], NSA["selection_block_size"]
+    cfgs = [dict(rows2=r, block_n2=n, num_warps2=w, num_stages2=s)
+            for r, n, w, s in ((256, 64, 8, 3), (256, 64, 8, 4), (256, 64, 8, 2), (256, 128, 8, 3), (256, 128, 8, 2),
+                               (512, 64, 8, 3), (128, 64, 4, 3), (256, 64, 4, 3), (512, 128, 8, 2))]
+    total: dict = {}
+    for L in lengths:
+        q, k, v = inputs(L)
+        kc, vc = compress_kv(k, cbs, st), compress_kv(v, cbs, st)
+        with torch.no_grad():
+            _, ref = compressed_kernel.compressed_attention_triton(q, kc, vc, cbs, st, causal=True,
+                                                                   selection_block_size=sbs, num_keys=L)
+            for cfg in cfgs:
+                def one(cfg=cfg):
+                    run = lambda: compressed_kernel.compressed_attention_triton(  # noqa: E731
+                        q, kc, vc, cbs, st, causal=True, selection_block_size=sbs, num_keys=L, **cfg)
+                    imp = run()[1]
+                    ms = do_bench(run, warmup=50, rep=300, return_mode="median")
+                    total.setdefault(str(cfg), []).append(ms)
+                    return {"median_ms": ms, "imp_max_rel_to_default": ((imp - ref).abs().max() / ref.abs().max()).item()}
+                rec.guard("tune_t2", {"L": L, **cfg}, one)
+        q = k = v = kc = vc = ref = None
+        torch.cuda.empty_cache()
+    every = {c: sum(t) for c, t in total.items() if len(t) == len(lengths)}
+    if every and str(cfgs[0]) in every:
+        import ast
+
+        best = min(every, key=every.get)
+        # Only a clear gain replaces the default for the sections after this one (do_bench's noise is ~1%).
+        adopted = every[best] < 0.98 * every[str(cfgs[0])]
+        if adopted:
+            compressed_kernel.DEFAULTS.update(ast.literal_eval(best))
+        rec.record("tune_t2", {"fastest": best, "total_ms": every[best], "default_total_ms": every[str(cfgs[0])],
+                               "adopted": adopted})
 
 
 def ceilings(rec: Recorder) -> None:
@@ -1131,11 +1303,11 @@ RUNS = {"check_dense": check_dense, "ceilings": ceilings, "sliding_mask": slidin
         "tune_compressed": tune_compressed, "tune_compressed_fp32": tune_compressed_fp32, "tune_select": tune_select,
         "topk": topk_table, "nsa": nsa_table, "stages": stages,
         "peers": peers, "correctness_tiles": correctness_tiles, "tune_tiles": tune_tiles, "levers": levers,
-        "tune_split": tune_split, "whole": whole}  # tune_selected and selected pass the tuned launch along (see main)
+        "tune_split": tune_split, "whole": whole, "levers23": levers23, "tune_t2": tune_t2}  # tune_selected and selected pass the tuned launch along (see main)
 SECTIONS = ("check_dense", "ceilings", "correctness_selected", "correctness_topk", "correctness_compressed",
             "correctness_select_sliding", "tune_selected", "tune_compressed", "tune_compressed_fp32", "tune_select",
             "selected", "topk", "nsa", "stages", "peers", "sliding_mask", "float32", "correctness_tiles",
-            "tune_tiles", "levers", "tune_split", "whole")
+            "tune_tiles", "levers", "tune_split", "whole", "levers23", "tune_t2")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ def sb():
 if not INTERPRETED:
 
     def test_kernels_under_triton_interpreter():
-        run_kernel_tests(__file__, min_passed=37)
+        run_kernel_tests(__file__, min_passed=40)
 
 
 def reference(q, k, v, idx, block_size, causal, scale=None):
@@ -112,6 +112,26 @@ if INTERPRETED:
         assert (idx[:, :, 32:48, :3] == idx[:, :, 32:33, :3]).all()  # the shared prefix the kernel uses
         out = sb.selected_block_attention_triton(q, k, v, idx, bs, causal=True, queries=queries)
         assert rel_err(out, reference(q, k, v, idx, bs, True)) < 1e-4
+
+    @pytest.mark.parametrize("queries,per_head,per_row_gates", [(1, False, False), (4, False, True), (4, True, True)])
+    def test_kernel_gated_sum_in_the_store(sb, queries, per_head, per_row_gates):
+        # NSA's gated sum taken inside the kernel's store: per-row gates or broadcast ones (stride 0), the
+        # other two branches' outputs read once (any strides); against the float64 sum of the float64 branch.
+        B, H, Hkv, L, D, bs, S = 1, 4, 2, 20, 16, 8, 2
+        q, k, v = torch.randn(B, H, L, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+        idx = random_indices(B, H if per_head else Hkv, L, L, S, bs)
+        out_cmp = torch.randn(B, H, L, D)
+        out_slide = torch.randn(B, L, H, D).transpose(1, 2)
+        gates = torch.rand(B, H, L, 3) if per_row_gates else torch.tensor([0.2, 0.5, 0.3]).expand(B, H, L, 3)
+        got = sb.selected_block_attention_triton(q, k, v, idx, bs, causal=True, queries=queries,
+                                                 gated=(out_cmp, out_slide, gates))
+        g = gates.double()
+        want = (g[..., 0:1] * out_cmp.double() + g[..., 1:2] * reference(q, k, v, idx, bs, True)
+                + g[..., 2:3] * out_slide.double())
+        assert got.shape == (B, H, L, D) and not got.isnan().any()
+        assert rel_err(got, want) < 1e-5
+        with pytest.raises(ValueError, match="gated: out_slide must be"):
+            sb.selected_block_attention_triton(q, k, v, idx, bs, gated=(out_cmp, out_slide[:, :1], gates))
 
     def test_kernel_rejects_bad_launch(sb):
         q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)

@@ -27,7 +27,7 @@ from tests.triton_interpreter import INTERPRETED, run_kernel_tests  # noqa: E402
 if not INTERPRETED:
 
     def test_compressed_kernel_under_triton_interpreter():
-        run_kernel_tests(__file__, min_passed=26)
+        run_kernel_tests(__file__, min_passed=30)
 
     def test_dispatch_stays_on_pytorch_off_cuda(monkeypatch):
         # On the CPU the kernel is never called: poison it and nsa_attention must still work.
@@ -116,18 +116,19 @@ if INTERPRETED:
         assert torch.equal(imp > 0, ref_imp > 0)
 
     @pytest.mark.parametrize("case", CASES[:4])
-    @pytest.mark.parametrize("sum_first,split,reshape_map", [(True, False, False), (False, True, False),
-                                                             (True, True, True)])
-    def test_kernel_group_sum_split_and_map(case, sum_first, split, reshape_map):
+    @pytest.mark.parametrize("sum_first,split,reshape_map,transpose2", [
+        (True, False, False, False), (False, True, False, False), (True, True, True, False), (True, True, True, True)])
+    def test_kernel_group_sum_split_and_map(case, sum_first, split, reshape_map, transpose2):
         # rows=128 puts at least 16 query positions in a program, so sum_first really sums the group's
         # weights before the mapping product (the other order is the one for narrower programs). split runs
         # pass 2 as its own kernel, here with other tiles than pass 1 (from the stored row max and sum).
-        # reshape_map=False keeps the mapping product where the reshape would apply (CASES 0 and 2).
+        # reshape_map=False keeps the mapping product where the reshape would apply (CASES 0 and 2);
+        # transpose2 scores pass 2 as (compressed blocks, rows) there, with the group sum inside each thread.
         B, H, Hkv, Lq, Lk, D, Dv, cbs, st, sbs, causal, bn = case
         q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, Dv)
         ref_out, ref_imp = reference(q, k, v, cbs, st, sbs, causal)
         out, imp = run_kernel(q, k, v, cbs, st, sbs, causal, block_n=bn, rows=128, sum_first=sum_first,
-                              split=split, rows2=64, block_n2=2 * bn, reshape_map=reshape_map)
+                              split=split, rows2=64, block_n2=2 * bn, reshape_map=reshape_map, transpose2=transpose2)
         assert rel_err(out, ref_out) < 1e-5 and rel_err(imp, ref_imp) < 1e-5
         assert torch.equal(imp > 0, ref_imp > 0)
 

@@ -16,6 +16,8 @@ Modules:
     block_select    NSA's block selection (forced blocks, then top importance, lower index
                     among ties), one program per tile of whole importance rows
     gate_combine    NSA's gated sum of its three branch outputs, one pass
+    sliding_band    the sliding window, one program per (query block, KV group): the group's
+                    heads share each key tile of the band
     sliding_flex    the sliding window through PyTorch's FlexAttention (a block mask built
-                    from its tiles, one compiled kernel per shape)
+                    from its tiles, one compiled kernel per shape), for smaller groups
 """

@@ -32,7 +32,11 @@ blocks first.
 Pass 2 may also run as a second kernel (``split``, the default for half
 types): pass 1 stores each row's max plus log2 of its sum, and the second
 kernel walks the compressed blocks with its own tiles. Most of its time is the
-scores' recomputation (docs/benchmarks.md).
+scores' recomputation (docs/benchmarks.md). That kernel scores the transposed
+tile, (compressed blocks, rows) (``transpose2``, the default where the reshape
+map applies): in the matrix units' accumulator a group's heads then sit in one
+thread's registers, so the group sum is adds in each thread instead of three
+rounds of warp shuffles over every weight (2 ms of 17 at L=65536 on an H200).
 
 Contract (as ``compressed_attention`` followed by the group sum and
 ``importance_to_selection_blocks(..., interpolate=False)`` in ``sparse_attn.ops.nsa``):
@@ -64,12 +68,20 @@ _DISPATCH_DTYPES = (torch.float16, torch.bfloat16)
 # rows = query positions x padded group heads per program; the *2 settings are the second pass's,
 # which runs as a kernel of its own (split).
 DEFAULTS = {"rows": 256, "block_n": 64, "num_warps": 8, "num_stages": 3, "sum_first": True,
-            "split": True, "rows2": 256, "block_n2": 64, "num_warps2": 8, "num_stages2": 3, "reshape_map": True}
+            "split": True, "rows2": 256, "block_n2": 64, "num_warps2": 8, "num_stages2": 3, "reshape_map": True,
+            "transpose2": True}
 # float32 tiles are twice the bytes: at DEFAULTS (16 query heads per group, head
 # dim 128) they need more shared memory than an H200 has (263168 bytes against
 # 232448) and the launch fails. float32 gets its own, smaller tiles: the fastest
 # of ten launches tried at L=16384 (docs/benchmarks.md).
 DEFAULTS_FP32 = {"rows": 128, "block_n": 32, "num_warps": 8, "num_stages": 2, "sum_first": True}
+
+
+# The transposed pass 2 (transpose2) at most at this many rows per program. With 512 (32 positions x 16
+# heads) its importance came out wrong on an H200 (0.12 of the largest element off; Triton 3.6), where the
+# same launch untransposed, and the transposed one at 256 and 128 rows, match the reference
+# (docs/benchmarks.md, run 23). Cause not established; the interpreter gives the right result.
+_TRANS_MAX_ROWS = 256
 
 
 def triton_supports(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> bool:
@@ -203,6 +215,49 @@ if triton is not None:
                           mask=(pos_m < Lq)[:, None] & (sel < n_sel)[None, :], sem="relaxed")
 
     @triton.jit
+    def _pass2_tile_t(
+        q_t, bias, k_base, imp_base, pos, pos_m, c0, n_vis, stride_kn, stride_kd, stride_ii, stride_is,
+        Lq, n_sel, cmp_stride, cmp_block, sel_block, qk_scale,
+        BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        CAUSAL: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr, MAP_R: tl.constexpr, MAP_U: tl.constexpr,
+    ):
+        """Pass 2's tile with the scores transposed, (compressed blocks, rows): the same weights as _pass2_tile.
+
+        In the matrix units' accumulator a thread holds one score column's values for many rows along the
+        rows axis, as registers. Rows are laid out (position // 8, head, position % 8), so a group's heads
+        sit in one thread's registers and the group sum is adds inside each thread; in the other orientation
+        it took three rounds of warp shuffles over every weight (docs/benchmarks.md).
+        """
+        cols = c0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        c_ok = cols < n_vis
+        if MASK:
+            kc = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                         mask=c_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        else:
+            kc = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                         mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        p = tl.exp2(tl.dot(kc, q_t, input_precision=PRECISION) * qk_scale - bias[None, :])  # (BLOCK_N, ROWS)
+        if MASK:
+            ok = c_ok[:, None]
+            if CAUSAL:
+                ok = ok & (cols[:, None] * cmp_stride + cmp_block - 1 <= pos[None, :])
+            p = tl.where(ok, p, 0.0)
+        pg = tl.sum(tl.reshape(p, (BLOCK_N, BLOCK_M // 8, BLOCK_G, 8)), axis=2)
+        pg = tl.reshape(pg, (BLOCK_N, BLOCK_M))  # column m is position pid_m * BLOCK_M + m
+        pg3 = tl.reshape(pg, (BLOCK_N // MAP_R, MAP_R, BLOCK_M))
+        j_tok = tl.arange(0, MAP_R) * cmp_stride
+        sel0 = (c0 * cmp_stride) // sel_block + tl.arange(0, BLOCK_N // MAP_R)
+        for u in tl.static_range(MAP_U):
+            hi = tl.minimum(j_tok + cmp_block, (u + 1) * sel_block)
+            lo = tl.maximum(j_tok, u * sel_block)
+            w_u = tl.maximum(hi - lo, 0).to(tl.float32) / cmp_block
+            part = tl.sum(pg3 * w_u[None, :, None], axis=1)  # (selection blocks, BLOCK_M)
+            tl.atomic_add(imp_base + pos_m[None, :] * stride_ii + (sel0 + u)[:, None] * stride_is, part,
+                          mask=(pos_m < Lq)[None, :] & (sel0 + u < n_sel)[:, None], sem="relaxed")
+
+    @triton.jit
     def _importance_pass(
         q, bias, pos, pid_m, k_base, imp_base, stride_kn, stride_kd, stride_ii, stride_is,
         Lq, n_full, n_vis, n_sel, cmp_stride, cmp_block, sel_block, qk_scale,
@@ -302,17 +357,22 @@ if triton is not None:
         G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         CAUSAL: tl.constexpr, PRECISION: tl.constexpr, SUM_FIRST: tl.constexpr,
-        MAP_R: tl.constexpr, MAP_U: tl.constexpr,
+        MAP_R: tl.constexpr, MAP_U: tl.constexpr, TRANS: tl.constexpr,
     ):
-        """Pass 2 alone, from the per-row bias that _compressed_fwd stored (STATS)."""
+        """Pass 2 alone, from the per-row bias that _compressed_fwd stored (STATS). TRANS: the transposed
+        tiles of _pass2_tile_t (needs MAP_R > 0 and BLOCK_M a multiple of 8)."""
         ROWS: tl.constexpr = BLOCK_M * BLOCK_G
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // Hkv
         hk = pid_bh % Hkv
         r = tl.arange(0, ROWS)
-        pos = pid_m * BLOCK_M + r // BLOCK_G
-        g = r % BLOCK_G
+        if TRANS:  # row r is (position // 8, head, position % 8): see _pass2_tile_t
+            pos = pid_m * BLOCK_M + (r // (8 * BLOCK_G)) * 8 + r % 8
+            g = (r // 8) % BLOCK_G
+        else:
+            pos = pid_m * BLOCK_M + r // BLOCK_G
+            g = r % BLOCK_G
         row_ok = (g < G) & (pos < Lq)
         offs_d = tl.arange(0, BLOCK_D)
         q = tl.load(Q + b * stride_qb + (hk * G + g)[:, None] * stride_qh + pos[:, None] * stride_qi
@@ -320,17 +380,31 @@ if triton is not None:
         bias = tl.load(ML + (pid_bh * Lq + pos) * BLOCK_G + g, mask=pos < Lq, other=float("inf"))
         n_vis = _seen(tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, Lq - 1), Nc, cmp_stride, cmp_block, CAUSAL)
         n_full = (_seen(pid_m * BLOCK_M, Nc, cmp_stride, cmp_block, CAUSAL) // BLOCK_N) * BLOCK_N
-        _importance_pass(q, bias, pos, pid_m, KC + b * stride_kb + hk * stride_kh,
-                         IMP + b * stride_ib + hk * stride_ih, stride_kn, stride_kd, stride_ii, stride_is,
-                         Lq, n_full, n_vis, n_sel, cmp_stride, cmp_block, sel_block, qk_scale,
-                         BLOCK_G, BLOCK_M, BLOCK_N, BLOCK_S, HEAD_DIM, BLOCK_D, CAUSAL, PRECISION, SUM_FIRST,
+        k_base = KC + b * stride_kb + hk * stride_kh
+        imp_base = IMP + b * stride_ib + hk * stride_ih
+        if TRANS:
+            q_t = tl.trans(q)
+            pos_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            for c0 in range(0, n_full, BLOCK_N):
+                _pass2_tile_t(q_t, bias, k_base, imp_base, pos, pos_m, c0, n_vis, stride_kn, stride_kd, stride_ii,
+                              stride_is, Lq, n_sel, cmp_stride, cmp_block, sel_block, qk_scale, BLOCK_G, BLOCK_M,
+                              BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, PRECISION, False, MAP_R, MAP_U)
+            for c0 in range(n_full, n_vis, BLOCK_N):
+                _pass2_tile_t(q_t, bias, k_base, imp_base, pos, pos_m, c0, n_vis, stride_kn, stride_kd, stride_ii,
+                              stride_is, Lq, n_sel, cmp_stride, cmp_block, sel_block, qk_scale, BLOCK_G, BLOCK_M,
+                              BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, PRECISION, True, MAP_R, MAP_U)
+        else:
+            _importance_pass(q, bias, pos, pid_m, k_base, imp_base, stride_kn, stride_kd, stride_ii, stride_is,
+                             Lq, n_full, n_vis, n_sel, cmp_stride, cmp_block, sel_block, qk_scale,
+                             BLOCK_G, BLOCK_M, BLOCK_N, BLOCK_S, HEAD_DIM, BLOCK_D, CAUSAL, PRECISION, SUM_FIRST,
                              MAP_R, MAP_U)
 
 
 def compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, *, causal=False, scale=None,
                                 selection_block_size=None, num_keys=None, rows=None, block_n=None,
                                 num_warps=None, num_stages=None, sum_first=None, split=None, rows2=None,
-                                block_n2=None, num_warps2=None, num_stages2=None, reshape_map=None):
+                                block_n2=None, num_warps2=None, num_stages2=None, reshape_map=None,
+                                transpose2=None):
     """Queries attend to compressed keys, and (optionally) the group-summed selection-block importance.
 
     Args:
@@ -350,7 +424,10 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, *, causal=F
             the first.
         reshape_map: map the weights onto selection blocks by weighted sums over a reshape where
             stride divides the selection block a power-of-two number of times (default), else by the
-            mapping product. Results do not depend on any of these beyond rounding.
+            mapping product. transpose2: the second kernel scores (compressed blocks, rows) instead of
+            (rows, compressed blocks), where the reshape map applies and a program holds a multiple of 8
+            query positions and at most 256 rows, so the group sum stays inside each thread. Results
+            do not depend on any of these beyond rounding.
 
     Returns:
         out (B, H, Lq, Dv) in q's dtype, and importance (B, Hkv, Lq, Nsel) float32 (or None).
@@ -370,7 +447,7 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, *, causal=F
     base = DEFAULTS_FP32 if q.dtype == torch.float32 else DEFAULTS
     given = dict(rows=rows, block_n=block_n, num_warps=num_warps, num_stages=num_stages, sum_first=sum_first,
                  split=split, rows2=rows2, block_n2=block_n2, num_warps2=num_warps2, num_stages2=num_stages2,
-                 reshape_map=reshape_map)
+                 reshape_map=reshape_map, transpose2=transpose2)
     cfg = {**base, **{k: v for k, v in given.items() if v is not None}}
     G = H // Hkv
     block_g = pow2(G, 1)
@@ -428,6 +505,8 @@ def compressed_attention_triton(q, k_cmp, v_cmp, block_size, stride, *, causal=F
             HEAD_DIM=D, BLOCK_D=pow2(D, 16), CAUSAL=bool(causal), PRECISION=dot_precision(q.dtype),
             SUM_FIRST=bool(cfg["sum_first"]) and block_m2 >= 16,
             MAP_R=map_shape(block_n2)[0], MAP_U=map_shape(block_n2)[1],
+            TRANS=bool(cfg.get("transpose2")) and map_shape(block_n2)[0] > 0 and block_m2 % 8 == 0
+            and block_m2 * block_g <= _TRANS_MAX_ROWS,
             num_warps=cfg.get("num_warps2") or cfg["num_warps"], num_stages=cfg.get("num_stages2") or cfg["num_stages"],
         )
     return out, imp

@@ -7,7 +7,9 @@ bf16) they took 4.3 ms on an H200, about the sliding branch's own time. One
 kernel reads the three outputs and the gates once and writes the sum once:
 the bytes a copy of four such tensors moves. The sum is taken in float32 and
 rounded once (PyTorch's version rounds after each step), so the two agree to
-the output dtype's rounding.
+the output dtype's rounding. Where the selected branch runs as its kernel,
+``nsa_attention`` takes the sum in that kernel's store instead
+(``selected_block``'s ``gated``); this pass serves the other cases.
 """
 from __future__ import annotations
 

@@ -26,6 +26,11 @@ The grid is (query tile, batch x index head) with the head on the slow axis,
 so the programs in flight together read one head's K/V prefix, which stays in
 L2 for long sequences.
 
+NSA's gated sum of its three branches can be taken in the store (``gated``):
+the kernel reads the other two outputs and the gates and writes the sum, so
+the selected output never makes a round trip through memory for a separate
+pass (0.2-0.4 ms of 18 at L=65536: docs/benchmarks.md).
+
 Empty slots and blocks wholly in the future are masked, not skipped: masked
 loads fetch nothing, and a body without a branch lets Triton software-pipeline
 the loads, which is faster (see docs/benchmarks.md).
@@ -65,13 +70,29 @@ def triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ind
 if triton is not None:
 
     @triton.jit
+    def _gated(out, OC, OW, GT, b, head, pos, d, ok, row_ok,
+               stride_cb, stride_ch, stride_ci, stride_cd, stride_wb, stride_wh, stride_wi, stride_wd,
+               stride_gb, stride_gh, stride_gi, stride_gk):
+        """NSA's gated sum in the store: g0 * compressed + g1 * out + g2 * sliding, in float32 (one rounding)."""
+        g_ptr = GT + b * stride_gb + head * stride_gh + pos * stride_gi
+        g0 = tl.load(g_ptr, mask=row_ok, other=0.0).to(tl.float32)
+        g1 = tl.load(g_ptr + stride_gk, mask=row_ok, other=0.0).to(tl.float32)
+        g2 = tl.load(g_ptr + 2 * stride_gk, mask=row_ok, other=0.0).to(tl.float32)
+        c = tl.load(OC + b * stride_cb + head * stride_ch + pos * stride_ci + d * stride_cd, mask=ok, other=0.0)
+        w = tl.load(OW + b * stride_wb + head * stride_wh + pos * stride_wi + d * stride_wd, mask=ok, other=0.0)
+        return g0 * c.to(tl.float32) + g1 * out + g2 * w.to(tl.float32)
+
+    @triton.jit
     def _selected_block_fwd(
-        Q, K, V, IDX, O,
+        Q, K, V, IDX, O, OC, OW, GT,
         stride_qb, stride_qh, stride_qi, stride_qd,
         stride_kb, stride_kh, stride_kj, stride_kd,
         stride_vb, stride_vh, stride_vj, stride_vd,
         stride_ib, stride_ih, stride_ii, stride_is,
         stride_ob, stride_oh, stride_oi, stride_od,
+        stride_cb, stride_ch, stride_ci, stride_cd,
+        stride_wb, stride_wh, stride_wi, stride_wd,
+        stride_gb, stride_gh, stride_gi, stride_gk,
         n_idx_heads, Lq, Lk, S, block_size, qk_scale,
         G: tl.constexpr,              # query heads that share one index row
         IDX_PER_KV: tl.constexpr,     # index heads per KV head (1 when shared by the group)
@@ -82,6 +103,7 @@ if triton is not None:
         BLOCK_NB: tl.constexpr,       # keys per step in the per-query loop (BLOCK_N / BLOCK_NB steps a block)
         BLOCK_S: tl.constexpr,        # slots, padded
         CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+        GATED: tl.constexpr,          # write GT[..., 0] * OC + GT[..., 1] * out + GT[..., 2] * OW instead of out
     ):
         ROWS: tl.constexpr = BLOCK_Q * BLOCK_G
         STEPS: tl.constexpr = BLOCK_N // BLOCK_NB
@@ -155,6 +177,11 @@ if triton is not None:
 
         if BLOCK_Q == 1:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no allowed key: acc is 0, so is the row
+            if GATED:
+                out = _gated(out, OC, OW, GT, b, heads_r[:, None], pos_r[:, None], offs_dv[None, :],
+                             rows_ok[:, None] & dv_ok[None, :], rows_ok[:, None],
+                             stride_cb, stride_ch, stride_ci, stride_cd, stride_wb, stride_wh, stride_wi, stride_wd,
+                             stride_gb, stride_gh, stride_gi, stride_gk)
             tl.store(O + b * stride_ob + heads_r[:, None] * stride_oh + pos_r[:, None] * stride_oi
                      + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
                      mask=rows_ok[:, None] & dv_ok[None, :])
@@ -191,6 +218,12 @@ if triton is not None:
                 acc3 = acc3 * alpha[:, :, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
                 m3 = m_new
             out = acc3 / tl.where(l3 > 0, l3, 1.0)[:, :, None]  # no allowed key: acc is 0, so is the row
+            if GATED:
+                out = _gated(out, OC, OW, GT, b, heads3[None, :, None], pos_j[:, None, None],
+                             offs_dv[None, None, :], j_ok[:, None, None] & g_ok[None, :, None] & dv_ok[None, None, :],
+                             j_ok[:, None, None] & g_ok[None, :, None],
+                             stride_cb, stride_ch, stride_ci, stride_cd, stride_wb, stride_wh, stride_wi, stride_wd,
+                             stride_gb, stride_gh, stride_gi, stride_gk)
             tl.store(O + b * stride_ob + heads3[None, :, None] * stride_oh + pos_j[:, None, None] * stride_oi
                      + offs_dv[None, None, :] * stride_od, out.to(O.dtype.element_ty),
                      mask=j_ok[:, None, None] & g_ok[None, :, None] & dv_ok[None, None, :])
@@ -203,7 +236,7 @@ DEFAULTS = {"queries": 4, "block_nb": 32, "num_warps": 4, "num_stages": 2}
 
 
 def selected_block_attention_triton(q, k, v, block_indices, block_size, *, causal=False, scale=None,
-                                    queries=None, block_nb=None, num_warps=None, num_stages=None):
+                                    queries=None, block_nb=None, num_warps=None, num_stages=None, gated=None):
     """The selected-block branch on the GPU; same contract and result as the PyTorch reference.
 
     Args:
@@ -218,9 +251,14 @@ def selected_block_attention_triton(q, k, v, block_indices, block_size, *, causa
         queries, block_nb, num_warps, num_stages: launch tuning (``DEFAULTS``): queries per
             program (a power of two), keys per step of the per-query loop; results do not
             depend on them.
+        gated: None, or (out_cmp, out_slide, gates): NSA's other two branch outputs (B, H, Lq, Dv) in
+            q's dtype and the gates (B, H, Lq, 3), any strides. The kernel then returns
+            ``gates[..., 0] * out_cmp + gates[..., 1] * selected + gates[..., 2] * out_slide``, summed in
+            float32 and rounded once, instead of the selected branch: the branch output never goes to
+            memory and back for a separate pass.
 
     Returns:
-        (B, H, Lq, Dv) in q's dtype. Rows with no allowed key are zeros.
+        (B, H, Lq, Dv) in q's dtype. Rows with no allowed key are zeros (before the gated sum).
     """
     require_triton("selected_block_attention_triton")
     B, H, Hkv, Lq, Lk, D, Dv = check_qkv(q, k, v)
@@ -240,6 +278,17 @@ def selected_block_attention_triton(q, k, v, block_indices, block_size, *, causa
     n_idx = block_indices.shape[1]
     S = block_indices.shape[3]
     out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
+    if gated is not None:
+        out_cmp, out_slide, gates = gated
+        for name, t in (("out_cmp", out_cmp), ("out_slide", out_slide)):
+            if tuple(t.shape) != (B, H, Lq, Dv) or t.dtype != q.dtype or t.device != q.device:
+                raise ValueError(f"gated: {name} must be ({B}, {H}, {Lq}, {Dv}) {q.dtype} on {q.device}, "
+                                 f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+        if tuple(gates.shape) != (B, H, Lq, 3) or gates.device != q.device:
+            raise ValueError(f"gated: gates must be ({B}, {H}, {Lq}, 3) on {q.device}, got {tuple(gates.shape)}")
+        gate_args = (out_cmp, out_slide, gates, *out_cmp.stride(), *out_slide.stride(), *gates.stride())
+    else:
+        gate_args = (out, out, out) + (0,) * 12  # valid pointers the kernel never reads
     if out.numel() == 0:
         return out
     G = H // n_idx
@@ -248,12 +297,12 @@ def selected_block_attention_triton(q, k, v, block_indices, block_size, *, causa
     block_nb = min(block_n, pow2(cfg["block_nb"], 16))
     grid = (triton.cdiv(Lq, block_q), B * n_idx)
     _selected_block_fwd[grid](
-        q, k, v, block_indices, out,
-        *q.stride(), *k.stride(), *v.stride(), *block_indices.stride(), *out.stride(),
+        q, k, v, block_indices, out, *gate_args[:3],
+        *q.stride(), *k.stride(), *v.stride(), *block_indices.stride(), *out.stride(), *gate_args[3:],
         n_idx, Lq, Lk, S, block_size, scale * LOG2E,
         G=G, IDX_PER_KV=n_idx // Hkv, HEAD_DIM=D, V_DIM=Dv, BLOCK_Q=block_q,
         BLOCK_G=pow2(G, 16), BLOCK_D=pow2(D, 16), BLOCK_DV=pow2(Dv, 16), BLOCK_N=block_n, BLOCK_NB=block_nb,
-        BLOCK_S=pow2(S, 1), CAUSAL=bool(causal), PRECISION=dot_precision(q.dtype),
+        BLOCK_S=pow2(S, 1), CAUSAL=bool(causal), PRECISION=dot_precision(q.dtype), GATED=gated is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

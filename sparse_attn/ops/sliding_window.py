@@ -1,8 +1,10 @@
 """Sliding-window attention: each query attends to the keys within ``sliding_window_size`` positions of its own.
 
 NSA's third branch, and StreamingLLM's recent window. Shapes as in SDPA. On
-CUDA without autograd it runs through FlexAttention with a sliding-window
-block mask (``sparse_attn.kernels.sliding_flex``); elsewhere, chunked SDPA.
+CUDA without autograd, in float16 and bfloat16, it runs as one Triton kernel
+when a KV group has at least 8 query heads (``sparse_attn.kernels.sliding_band``),
+else through FlexAttention with a sliding-window block mask
+(``sparse_attn.kernels.sliding_flex``); elsewhere, chunked SDPA.
 """
 from __future__ import annotations
 
@@ -36,18 +38,21 @@ def sliding_window_attention(q, k, v, sliding_window_size: int, *, causal: bool 
     Lq * (chunk + 2 * window), not Lq * Lk. Shapes as in SDPA; returns
     (B, H, Lq, Dv); a query with no key in reach (Lq > Lk) gets zeros.
 
-    On CUDA in float16 and bfloat16, when no gradient is needed, FlexAttention
-    with a sliding-window block mask computes the same function in one kernel
-    that visits only the key tiles the window touches (``query_chunk_size``
-    does not apply there); see docs/benchmarks.md for its times on an H200.
+    On CUDA in float16 and bfloat16, when no gradient is needed, one kernel
+    computes the same function visiting only the key tiles the window touches
+    (``query_chunk_size`` does not apply there): ours for groups of 8 or more
+    query heads, FlexAttention's otherwise; see docs/benchmarks.md for their
+    times on an H200.
     """
     B, H, Hkv, Lq, Lk, D, Dv = check_qkv(q, k, v)
     check_int(sliding_window_size, "sliding_window_size", minimum=1)
     check_int(query_chunk_size, "query_chunk_size", minimum=1, allow_none=True)
     scale = resolve_scale(scale, D)
-    if dispatch.use_triton(q, k, v):  # before importing FlexAttention's module
-        from ..kernels import sliding_flex
+    if dispatch.use_triton(q, k, v):  # before importing the kernels (Triton, FlexAttention)
+        from ..kernels import sliding_band, sliding_flex
 
+        if sliding_band.triton_supports(q, k, v):
+            return sliding_band.sliding_band_triton(q, k, v, sliding_window_size, causal=causal, scale=scale)
         if sliding_flex.triton_supports(q, k, v):
             out = sliding_flex.sliding_window_flex(q, k, v, sliding_window_size, causal=causal, scale=scale)
             if out is not None:

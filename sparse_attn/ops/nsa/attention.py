@@ -35,7 +35,7 @@ from ...kernels import dispatch
 from ..dense import safe_softmax
 from ..sliding_window import sliding_window_attention, sliding_window_mask
 from .compression import _compressed_fused, compress_kv, compressed_attention, mean_pool
-from .selected import _selected_impl
+from .selected import _selected_gated, _selected_impl
 from .selection import check_forcing, forced_blocks, importance_to_selection_blocks, select_blocks, selected_token_mask
 
 __all__ = ["NSAMaps", "nsa_attention", "check_nsa_options"]
@@ -259,12 +259,16 @@ def nsa_attention(
     if use_diff_topk and block_indices.shape[-1] > 0:
         picked = importance.gather(-1, block_indices.clamp(min=0)).masked_fill(block_indices < 0, 0)
         bias = (picked - picked.detach()).to(q.dtype)
-    out_sel = _selected_impl(q, k, v, block_indices, selection_block_size, causal, scale, block_bias=bias)
 
-    # sliding
+    # sliding (before the selected branch, whose kernel can take the gated sum into its store)
     out_slide = sliding_window_attention(q, k, v, sliding_window_size, causal=causal, scale=scale)
 
-    out = _gate(out_cmp, out_sel, out_slide, g)
+    out = None
+    if bias is None and not return_maps:
+        out = _selected_gated(q, k, v, block_indices, selection_block_size, causal, scale, out_cmp, out_slide, g)
+    if out is None:
+        out_sel = _selected_impl(q, k, v, block_indices, selection_block_size, causal, scale, block_bias=bias)
+        out = _gate(out_cmp, out_sel, out_slide, g)
     if not return_maps:
         return out
 

@@ -64,6 +64,24 @@ def _selected_impl(q, k, v, block_indices, block_size, causal, scale, block_bias
     return _selected_reference(q, k, v, block_indices, block_size, causal=causal, scale=scale, block_bias=block_bias)
 
 
+def _selected_gated(q, k, v, block_indices, block_size, causal, scale, out_cmp, out_slide, gates):
+    """NSA's gated sum with the selected branch computed inside it, where the kernel takes these inputs.
+
+    Returns ``gates[..., 0] * out_cmp + gates[..., 1] * selected + gates[..., 2] * out_slide`` from one
+    kernel (the selected output goes straight into the sum, no separate pass over four tensors), or None
+    when the kernel does not apply; the caller then runs the branch and the sum on their own.
+    """
+    if not dispatch.use_triton(q, k, v, out_cmp, out_slide, gates):
+        return None
+    from ...kernels.selected_block import selected_block_attention_triton, triton_supports
+
+    if not (triton_supports(q, k, v, block_indices) and out_cmp.dtype == out_slide.dtype == q.dtype
+            and out_cmp.shape == out_slide.shape == (*q.shape[:3], v.shape[-1])):
+        return None
+    return selected_block_attention_triton(q, k, v, block_indices, block_size, causal=causal, scale=scale,
+                                           gated=(out_cmp, out_slide, gates))
+
+
 def _selected_reference(q, k, v, block_indices, block_size, *, causal, scale, block_bias=None, query_chunk_size=None):
     """Pure-PyTorch selected-block attention, chunked over queries (see ``selected_block_attention``).
 
