@@ -2,10 +2,11 @@
 import streamlit as st
 
 from sparse_attn.i18n import t
-from sparse_attn.ui import budget, explainer, generate, heap, lessons, maps, sidebar, speed, state
+from sparse_attn.ui import budget, explainer, generate, heap, lessons, maps, sidebar, speed, state, threads
 
 st.set_page_config(page_title="sparse-attn", page_icon="🔍", layout="wide")
 heap.start_trimming()  # once the students leave, the server gives its freed memory back
+threads.limit()  # one torch thread per student's run: the students are the server's parallelism
 state.init_state()
 settings = sidebar.render()
 lang = state.lang()

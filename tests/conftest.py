@@ -4,6 +4,9 @@ import pytest
 import torch
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# The app sets torch to one thread per process (sparse_attn/ui/threads.py); the tests run the app in
+# this process (AppTest) and serve it from children, and keep torch's own count (0) unless told otherwise.
+os.environ.setdefault("SPARSE_ATTN_TORCH_THREADS", "0")
 
 
 @pytest.fixture(autouse=True)

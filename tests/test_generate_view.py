@@ -14,7 +14,7 @@ from sparse_attn.decode import DECODERS, KVCache, bytes_per_step, decode
 from sparse_attn.i18n import LANGS, t
 from sparse_attn.methods import METHODS, Config, SettingError
 from sparse_attn.sources import synthetic_qkv
-from sparse_attn.ui import compute, errors, generate, state
+from sparse_attn.ui import compute, errors, generate, state, threads
 from sparse_attn.ui.charts import elements as chart_elements
 from sparse_attn.ui.charts import spec as chart_spec
 from sparse_attn.viz_decode import BY_POSITION, BY_SCORE, EVERY_KEY, FUTURE, SKIPPED
@@ -180,7 +180,7 @@ def test_the_step_by_step_view_is_cheap_at_the_defaults():
     q, k, v = generate.gen_input(s)
     cfg = compute.config(s)
     times = []
-    with generate.one_thread():  # as the panel runs it
+    with threads.one_thread():  # as the panel runs it
         viz_decode.decode_steps(s["method"], q, k, v, cfg)  # the first call warms torch's kernels up
         for _ in range(3):
             start = time.perf_counter()
@@ -188,21 +188,6 @@ def test_the_step_by_step_view_is_cheap_at_the_defaults():
             times.append(time.perf_counter() - start)
     # 0.05-0.07 s on 2 shared cores; the bound leaves room for a machine busy with other jobs.
     assert sorted(times)[1] < 0.3, times
-
-
-def test_overlapping_sessions_restore_the_thread_count_once_the_last_leaves():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)  # a count the bug would lose
-    try:
-        outer = generate.one_thread()
-        outer.__enter__()
-        with generate.one_thread():
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 1  # the first session is still inside
-        outer.__exit__(None, None, None)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---- the panel ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ at once (``BudgetError``); one that fits waits in arrival order (a large request
 is not overtaken forever by small ones), the student sees how many computations
 run ahead of theirs, and after ``WAIT_S`` (90 s) they are told the server is busy.
 
-A cached computation (``st.cache_data``) takes its bytes inside the cache, so a
+A cached computation (``st.cache_resource``) takes its bytes inside the cache, so a
 cache hit costs nothing: the body calls ``admit``, which never blocks; when it
 would have to wait it raises ``Busy``, the caller (``call``) waits outside the
 cache, where the message can be drawn, and runs the body again holding the bytes.

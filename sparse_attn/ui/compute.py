@@ -23,7 +23,7 @@ from sparse_attn.methods import METHODS, Config, shape_of
 from sparse_attn.ops.dense import allowed_pairs
 from sparse_attn.viz import MAX_CELLS, Pooled, pool_cells
 
-from . import admission, errors, inputs, nsa_panel
+from . import admission, errors, inputs, nsa_panel, threads
 from .memory import check_budget
 
 # The Config fields the settings dict holds (under the same names); the softmax scale and the
@@ -76,7 +76,9 @@ class Maps(NamedTuple):
     shape: tuple[int, int]
 
     def head(self, h: int) -> Pooled:
-        return Pooled(self.values[h].astype(np.float32), self.step_q, self.step_k, self.mode, self.shape)
+        # a new float32 array (torch converts several times faster than numpy's astype)
+        values = torch.from_numpy(self.values[h]).to(torch.float32, copy=True).numpy()
+        return Pooled(values, self.step_q, self.step_k, self.mode, self.shape)
 
 
 def _pool(x: torch.Tensor, mode: str, cells: int = MAX_CELLS, *, signed: bool = False) -> Maps:
@@ -167,14 +169,19 @@ def view(s: dict, upload: tuple[str, bytes] | None = None) -> dict:
         st.stop()
 
 
-@st.cache_data(max_entries=16, ttl=1800, show_spinner=False)
+# A resource cache, not ``st.cache_data``: that pickles every new view into the cache and unpickles a
+# copy on every hit (a few milliseconds of each rerun, most of a view-only change's server time). The
+# views are read only: ``pick`` and ``Maps.head`` hand each session its own arrays.
+@st.cache_resource(max_entries=16, ttl=1800, show_spinner=False)
 def _view(s: dict, upload: tuple[str, bytes] | None = None) -> dict:
     _log_call("view")
     q, k, v, tokens, notes = qkv(s, upload)
     cfg = config(s)
     itemsize = q.element_size()
     # Inside the cache, so a hit queues for nothing; q, k and v (a few MiB) are already loaded, the maps are not.
-    with admission.admit(check_budget(s["method"], shape_of(q, k, v), cfg, itemsize)):
+    need = check_budget(s["method"], shape_of(q, k, v), cfg, itemsize)
+    # A view that needs over half the server's bytes runs with no other of its size: every core is its own.
+    with admission.admit(need), threads.wide(need > admission.gate().capacity / 2):
         return _maps(s, q, k, v, tokens, notes, cfg)
 
 

@@ -10,9 +10,6 @@ language, so those redraw without recomputing.
 """
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
-
 import pandas as pd
 import streamlit as st
 import torch
@@ -24,6 +21,7 @@ from sparse_attn.methods import METHODS, Config
 from sparse_attn.sources import pattern_params, synthetic_qkv
 
 from . import charts, compute, errors, guide
+from .threads import one_thread
 
 # A long-context model's attention: 64 query heads over 4 KV heads of 128 dimensions, in bfloat16
 # (the shape the decode benchmark measures on the GPU).
@@ -80,33 +78,6 @@ def gen_input(s: dict):
     params = {"causal": True} if "causal" in pattern_params(s["pattern"]) else {}
     L = min(s["L"], GEN_MAX_LEN)
     return synthetic_qkv(s["pattern"], heads=s["H"], length=L, head_dim=s["D"], seed=s["seed"], **params)
-
-
-_threads = {"lock": threading.Lock(), "users": 0, "saved": 1}
-
-
-@contextmanager
-def one_thread():
-    """Torch on one intra-op thread while any session is inside (the setting is process-wide).
-
-    A decode step here is a few dozen ops on tensors of a few KiB: threads gain
-    nothing, and on a busy server they spin waiting for each other. Measured at
-    the defaults on 2 shared cores: 1.3 s with 2 threads, 0.05 s with one. The
-    count of sessions inside restores the setting only when the last one leaves,
-    so two overlapping sessions cannot leave the server on one thread.
-    """
-    with _threads["lock"]:
-        if _threads["users"] == 0:
-            _threads["saved"] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _threads["users"] += 1
-    try:
-        yield
-    finally:
-        with _threads["lock"]:
-            _threads["users"] -= 1
-            if _threads["users"] == 0:
-                torch.set_num_threads(_threads["saved"])
 
 
 @st.cache_data(max_entries=32, show_spinner=False)

@@ -24,7 +24,7 @@ from sparse_attn.i18n import t
 from sparse_attn.methods import METHODS, shape_of
 from sparse_attn.timing import NOISY_IQR, cuda_peak_bytes, time_until_stable
 
-from . import admission, charts, compute, errors, guide, state
+from . import admission, charts, compute, errors, guide, state, threads
 from .memory import BudgetError, check_budget
 
 LENGTHS = tuple(L for L in state.SEQ_LENS if L >= 64)
@@ -118,7 +118,8 @@ def run_sweep(s: dict, lengths, budget_s: float, lang: str, progress=None, min_r
             share = min(max(left / (steps - done), POINT_S[0]), POINT_S[1], left)
             with admission.hold(need_bytes, lang), torch.no_grad():
                 call = m.timed(q, k, v, cfg)
-                timing = time_until_stable(call, max_time=share, min_runs=MIN_RUNS, min_run_time=min_run_time)
+                timing = time_until_stable(call, max_time=share, min_runs=MIN_RUNS, min_run_time=min_run_time,
+                                           num_threads=threads.timing_threads())
                 peak = _peak_bytes(call, s["device"])
                 del call  # its tensors go before the bytes are given back
             rate[key] = max(rate.get(key, 0.0), timing.median / max(cost.flops, 1.0))
@@ -189,7 +190,8 @@ def _status(result: dict, names: dict[str, str], lang: str) -> None:
 
 def render(s: dict, lang: str) -> None:
     ss = st.session_state
-    st.caption(t("speed.intro", lang, device=s["device"], dtype=s["dtype"], H=s["H"], D=s["D"],
+    cpu_threads = t("speed.threads", lang, n=threads.timing_threads()) if s["device"] == "cpu" else ""
+    st.caption(t("speed.intro", lang, device=s["device"], dtype=s["dtype"], H=s["H"], D=s["D"], threads=cpu_threads,
                  threshold=f"{NOISY_IQR:.0%}"))
     c1, c2 = st.columns([3, 1])
     lengths = c1.multiselect(t("speed.lengths", lang), LENGTHS, default=list(DEFAULT_LENGTHS), key="sp_lengths")

@@ -25,10 +25,12 @@ says when it would not.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 import streamlit as st
@@ -131,9 +133,16 @@ def devices() -> list[str]:
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
-def specs() -> dict[str, Spec]:
-    """Every setting the URL carries, by setting name (in the order the URL lists them)."""
-    return {
+def specs() -> Mapping[str, Spec]:
+    """Every setting the URL carries, by setting name (in the order the URL lists them); read-only."""
+    return _specs()
+
+
+# Built once per process (the devices found do not change while it runs): every rerun asks for them
+# several times per setting, and building them each time was a few milliseconds of every rerun.
+@functools.cache
+def _specs() -> Mapping[str, Spec]:
+    return MappingProxyType({
         "lang": Spec("en", _lang, LANGS),
         "source": _choice("synthetic", KINDS),
         "pattern": _choice("local", PATTERNS),
@@ -164,7 +173,7 @@ def specs() -> dict[str, Spec]:
         "pool": _choice("max", ("max", "mean")),
         "view": _choice("maps", TABS),
         "lesson": Spec("", _lesson, ("", *LESSON_IDS)),  # the open lesson's id ("" when none)
-    }
+    })
 
 
 # Setting name -> its key in the URL, where the two differ (every other setting is its own URL key).
