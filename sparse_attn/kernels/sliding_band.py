@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from ._online import fold, load_kt
 from ._triton import LOG2E, dot_precision, pow2, require_triton, tl, triton
 
 __all__ = ["sliding_band_triton", "triton_supports", "DEFAULTS", "ENABLED"]
@@ -57,16 +58,9 @@ if triton is not None:
     ):
         """One key tile of the online softmax. MASK=False: every row sees every key of the tile."""
         cols = n0 + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
         c_ok = (cols >= 0) & (cols < Lk)
-        if MASK:
-            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=c_ok[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
-        else:
-            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=(offs_d < HEAD_DIM)[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, load_kt(k_base, cols, c_ok, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, MASK),
+                   input_precision=PRECISION) * qk_scale
         if MASK:
             ok = c_ok[None, :] & (cols[None, :] > pos[:, None] - window)
             if CAUSAL:
@@ -74,23 +68,7 @@ if triton is not None:
             else:
                 ok = ok & (cols[None, :] < pos[:, None] + window)
             s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASK:
-            # A row that has seen no key keeps m = -inf: shift by 0 there (no -inf - -inf).
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_safe = m_new
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if MASK:
-            vt = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                         mask=c_ok[:, None] & (offs_dv < V_DIM)[None, :], other=0.0)
-        else:
-            vt = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                         mask=(offs_dv < V_DIM)[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
-        return m_new, l_i, acc
+        return fold(s, m_i, l_i, acc, v_base, cols, c_ok, stride_vn, stride_vd, V_DIM, BLOCK_DV, PRECISION, MASK)
 
     @triton.jit
     def _band_fwd(
