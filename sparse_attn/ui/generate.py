@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-import torch
 
 from sparse_attn import viz_decode
 from sparse_attn.decode import DECODERS

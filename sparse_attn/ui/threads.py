@@ -4,9 +4,9 @@ Streamlit runs each session's script in a thread of its own, so two students alr
 cores of a small server busy; torch's intra-op threads on top of that only spin waiting for each
 other (OpenMP keeps a finished parallel region's threads busy-waiting for the next one). Measured on
 this project's 2-core machine, one student flat out at the defaults (``python -m benchmarks.ws_load
---sessions 1 --period 0 --settings defaults``): 10.5-11.7 interactions/s at 0.11-0.12 server CPU-s
-each with torch's two threads, 11.7-13.0/s at 0.08-0.09 with one; 50 students (``--sessions 50
---period 5``) p95 3.35-3.90 s against 0.74-1.31 s, with the caching changes of the same commit.
+--sessions 1 --period 0 --settings defaults``): 0.11-0.12 server CPU-s per interaction with torch's
+two threads (11.2-11.7/s), 0.08-0.09 with one (11.7-13.0/s); 50 students (``--sessions 50 --period 5``)
+p95 3.35-3.90 s against 0.51-1.31 s, with the caching changes made beside it (docs/benchmarks.md).
 
 ``limit`` sets the count once per process: ``SPARSE_ATTN_TORCH_THREADS`` (default 1; 0 leaves torch's
 own count, as the tests do). torch applies it to every thread that starts after, and each script run
